@@ -1,6 +1,15 @@
 """The replicated SQLite store."""
 
-from verdigris.store.store import ActorBooks, CommitNotice, MergeResult, Store, clock_table, value_key
+from verdigris.store.store import (
+    ActorBooks,
+    CommitNotice,
+    MergeResult,
+    Store,
+    clock_table,
+    split_changeset,
+    split_changeset_groups,
+    value_key,
+)
 from verdigris.store.types import (
     SENTINEL_CID,
     Change,
@@ -32,5 +41,7 @@ __all__ = [
     "StoreError",
     "TransactionResult",
     "clock_table",
+    "split_changeset",
+    "split_changeset_groups",
     "value_key",
 ]

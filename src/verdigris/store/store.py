@@ -615,9 +615,9 @@ class Store:
             f"SELECT actor, version, start_seq, end_seq, last_seq FROM {INTERNAL_PREFIX}buffer"
         ):
             books = self._books.setdefault(bytes(actor), ActorBooks())
-            seqs, prev_last = books.partials.get(version, (RangeSet(), 0))
+            seqs, prev_last = books.partials.get(version, (RangeSet(), last))
             seqs.add(s, e)
-            books.partials[version] = (seqs, max(prev_last, last))
+            books.partials[version] = (seqs, min(prev_last, last))
 
     def _reload_books_for(self, actor: bytes) -> None:
         # After a rollback the in-memory books may be ahead of the database; re-read them.
@@ -726,8 +726,11 @@ class Store:
 
     def _buffer_piece(self, books: ActorBooks, cs: Changeset) -> list[Change] | None:
         """Store one piece of a chunked version; return all its changes once it is complete."""
-        seqs, last = books.partials.get(cs.version, (RangeSet(), 0))
-        last = max(last, cs.last_seq)
+        # Senders may disagree on last_seq: a sender whose last changes were superseded serves fewer
+        # seqs. Any sender's claim is safe (what it leaves out is superseded by versions it knows), so a
+        # version is complete once 0..(smallest claim) is covered.
+        seqs, last = books.partials.get(cs.version, (RangeSet(), cs.last_seq))
+        last = min(last, cs.last_seq)
         s, e = cs.seqs
         buf = f"{INTERNAL_PREFIX}buffer"
         if not seqs.covers(s, e):
@@ -901,6 +904,32 @@ class Store:
             return sorted(self._conn.execute(f"{self._tag} SELECT * FROM {quote_ident(table)}").fetchall(), key=repr)
 
 
+def split_changeset(cs: Changeset, max_changes: int) -> list[Changeset]:
+    """Split a changeset into pieces of at most ``max_changes`` changes whose seq ranges are contiguous
+    and together cover the original range (gaps between present seqs go to the piece before them)."""
+    if max_changes < 1:
+        raise ValueError("max_changes must be >= 1")
+    if len(cs.changes) <= max_changes:
+        return [cs]
+    groups = [cs.changes[i : i + max_changes] for i in range(0, len(cs.changes), max_changes)]
+    return split_changeset_groups(cs, groups)
+
+
+def split_changeset_groups(cs: Changeset, groups: Sequence[Sequence[Change]]) -> list[Changeset]:
+    """Pieces of ``cs`` made of consecutive groups of its (seq-ordered) changes."""
+    pieces: list[Changeset] = []
+    start = cs.seqs[0]
+    for i, group in enumerate(groups):
+        end = cs.seqs[1] if i == len(groups) - 1 else groups[i + 1][0].seq - 1
+        pieces.append(
+            Changeset(
+                actor=cs.actor, version=cs.version, changes=list(group), seqs=(start, end), last_seq=cs.last_seq, ts=cs.ts
+            )
+        )
+        start = end + 1
+    return pieces
+
+
 def _is_sql_value(v: object) -> bool:
     return v is None or (isinstance(v, int | float | str | bytes) and not isinstance(v, bool))
 
@@ -925,5 +954,7 @@ __all__ = [
     "Store",
     "StoreError",
     "clock_table",
+    "split_changeset",
+    "split_changeset_groups",
     "value_key",
 ]

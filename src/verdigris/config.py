@@ -1,0 +1,770 @@
+"""The agent's configuration file.
+
+A Verdigris agent is configured by one TOML file, read with :mod:`tomllib` and validated into frozen
+dataclasses. Section and key names follow `Corrosion <https://superfly.github.io/corrosion/>`_ where
+Corrosion has an equivalent, so an existing ``corrosion.toml`` mostly carries over::
+
+    [db]
+    path = "/var/lib/verdigris/state.db"
+    schema_paths = ["/etc/verdigris/schemas"]
+
+    [api]
+    addr = "127.0.0.1:8080"
+
+    [api.authz]
+    bearer-token = "s3cret"
+
+    [gossip]
+    addr = "0.0.0.0:8787"
+    bootstrap = ["10.0.0.2:8787"]
+
+Validation is strict: an unknown section or key anywhere is an error (a typo must never be silently
+ignored), as is a value of the wrong type or an address that cannot be bound. All problems found in a
+file are reported together in one :class:`ConfigError`, one per line, each naming the dotted key and
+the file.
+
+Relative paths (``db.path``, ``db.schema_paths``, ``admin.path``) are resolved against the directory
+that holds the config file, not the current directory, so a config file can sit next to its data.
+
+The full reference, with every key and its default, is ``docs/config.md``.
+
+Public API:
+
+* :func:`load_config` reads and validates a file; :func:`parse_config` validates TOML text.
+* :class:`Config` and its section classes :class:`DbConfig`, :class:`ApiConfig`,
+  :class:`AuthzConfig`, :class:`GossipConfig`, :class:`AdminConfig`, :class:`TelemetryConfig`,
+  :class:`PrometheusConfig`, :class:`LogConfig`, :class:`PerfConfig`.
+* :class:`Addr` (a ``(host, port)`` named tuple) and :func:`parse_addr`.
+* :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import difflib
+import ipaddress
+import json
+import logging
+import os
+import re
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final, Literal, NamedTuple, TypeAlias, cast
+
+__all__ = [
+    "DEFAULT_ADMIN_SOCKET_NAME",
+    "DEFAULT_API_ADDR",
+    "DEFAULT_GOSSIP_ADDR",
+    "DEFAULT_MAX_BODY_BYTES",
+    "DEFAULT_MAX_WRITE_BATCH",
+    "DEFAULT_SUBSCRIPTION_BATCH_MS",
+    "LOG_FORMATS",
+    "LOG_LEVELS",
+    "Addr",
+    "AdminConfig",
+    "ApiConfig",
+    "AuthzConfig",
+    "Config",
+    "ConfigError",
+    "DbConfig",
+    "GossipConfig",
+    "LogConfig",
+    "LogFormat",
+    "LogLevel",
+    "PerfConfig",
+    "PrometheusConfig",
+    "TelemetryConfig",
+    "load_config",
+    "parse_addr",
+    "parse_config",
+]
+
+LogLevel: TypeAlias = Literal["debug", "info", "warning", "error"]
+"""Accepted values of ``log.level``."""
+
+LogFormat: TypeAlias = Literal["plaintext", "json"]
+"""Accepted values of ``log.format``."""
+
+LOG_LEVELS: Final[tuple[LogLevel, ...]] = ("debug", "info", "warning", "error")
+LOG_FORMATS: Final[tuple[LogFormat, ...]] = ("plaintext", "json")
+
+DEFAULT_API_ADDR: Final = "127.0.0.1:8080"
+DEFAULT_GOSSIP_ADDR: Final = "127.0.0.1:8787"
+DEFAULT_MAX_BODY_BYTES: Final = 16 * 1024 * 1024
+"""16 MiB: the largest request body the HTTP API accepts by default."""
+DEFAULT_SUBSCRIPTION_BATCH_MS: Final = 5
+DEFAULT_MAX_WRITE_BATCH: Final = 1000
+DEFAULT_ADMIN_SOCKET_NAME: Final = "admin.sock"
+"""The admin socket's file name when ``admin.path`` is not set; it lives next to the database."""
+
+_MAX_PORT: Final = 65535
+_MAX_CLUSTER_ID: Final = 65535
+"""Corrosion's cluster id is a ``u16``; keep the same range so ids are interchangeable."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors
+
+
+class ConfigError(Exception):
+    """The configuration file is missing, unreadable, not valid TOML, or does not validate.
+
+    ``str(error)`` is a complete, user-facing message: every problem on its own line, each naming the
+    offending key (as a dotted path such as ``api.authz.bearer-token``) and the file.
+
+    Attributes:
+        source: the file (or other source name) the configuration came from, if known.
+        problems: the individual problems, one message each (a single element for I/O and TOML
+            syntax errors).
+        line: the 1-based line of a TOML syntax error, when known; ``None`` otherwise.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        source: str | None = None,
+        problems: Sequence[str] = (),
+        line: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.source = source
+        self.problems: tuple[str, ...] = tuple(problems) or (message,)
+        self.line = line
+
+
+# --------------------------------------------------------------------------------------------------
+# Addresses
+
+
+class Addr(NamedTuple):
+    """A ``host:port`` address to bind or connect to.
+
+    It is a plain ``(host, port)`` tuple, so ``host, port = addr`` works, and ``str(addr)`` gives it back
+    in ``host:port`` form (``[::1]:8080`` for IPv6). ``host`` never has brackets. Port 0 means "pick a
+    free port" when binding.
+    """
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+_HOST_LABEL: Final = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+_NUMERIC_HOST: Final = re.compile(r"[0-9.]+")
+
+
+def parse_addr(value: str) -> Addr:
+    """Parse ``"host:port"`` into an :class:`Addr`.
+
+    ``host`` may be an IPv4 address (``127.0.0.1``, ``0.0.0.0``), a bracketed IPv6 address
+    (``[::1]``, ``[::]``) or a DNS name (``localhost``, ``node-1.internal``). ``port`` is a decimal
+    number from 0 to 65535. No whitespace is allowed anywhere.
+
+    >>> parse_addr("127.0.0.1:8080")
+    Addr(host='127.0.0.1', port=8080)
+    >>> str(parse_addr("[::1]:0"))
+    '[::1]:0'
+
+    Raises:
+        ValueError: with a message saying what is wrong (it does not repeat the input).
+    """
+    if not value:
+        raise ValueError('expected "host:port", got an empty string')
+    if any(c.isspace() for c in value):
+        raise ValueError("must not contain whitespace")
+    if value.startswith("["):
+        close = value.find("]")
+        if close < 0:
+            raise ValueError('missing "]" after the IPv6 address')
+        host, rest = value[1:close], value[close + 1 :]
+        if not rest.startswith(":"):
+            raise ValueError('expected ":port" after "]"')
+        port_text = rest[1:]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} is not a valid IPv6 address") from None
+    else:
+        host, sep, port_text = value.rpartition(":")
+        if not sep:
+            raise ValueError('expected "host:port" (missing ":port")')
+        if ":" in host:
+            raise ValueError('IPv6 addresses must be in brackets, e.g. "[::1]:8080"')
+        if not host:
+            raise ValueError('expected "host:port" (missing host)')
+        _check_host(host)
+    if not port_text:
+        raise ValueError("missing port number")
+    if not (port_text.isascii() and port_text.isdigit()):
+        raise ValueError(f"port {port_text!r} is not a number")
+    port = int(port_text)
+    if port > _MAX_PORT:
+        raise ValueError(f"port {port} is out of range (0-{_MAX_PORT})")
+    return Addr(host, port)
+
+
+def _check_host(host: str) -> None:
+    """Accept an IPv4 address or a DNS name; raise ``ValueError`` otherwise."""
+    if _NUMERIC_HOST.fullmatch(host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} is not a valid IPv4 address") from None
+        return
+    name = host.removesuffix(".")
+    if len(name) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in name.split(".")):
+        raise ValueError(f"{host!r} is not a valid host name or IP address")
+
+
+# --------------------------------------------------------------------------------------------------
+# The configuration
+
+
+@dataclass(frozen=True)
+class DbConfig:
+    """``[db]``: the local SQLite database and the schema it must have.
+
+    Attributes:
+        path: the database file (``db.path``, required), absolute.
+        schema_paths: schema files and/or directories of ``*.sql`` files (``db.schema_paths``),
+            absolute, in the order given. Existence is not checked here; the store checks at start-up.
+    """
+
+    path: Path
+    schema_paths: tuple[Path, ...] = ()
+
+
+@dataclass(frozen=True)
+class AuthzConfig:
+    """``[api.authz]``: authorization for the HTTP API.
+
+    Attributes:
+        bearer_token: when set (``api.authz.bearer-token``), every API request must carry
+            ``Authorization: Bearer <token>``. ``None`` disables authentication.
+    """
+
+    bearer_token: str | None = None
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    """``[api]``: the client-facing HTTP API.
+
+    Attributes:
+        addr: where the API listens (``api.addr``).
+        authz: ``[api.authz]``.
+        max_body_bytes: the largest request body accepted (``api.max-body-bytes``); larger requests
+            get 413.
+    """
+
+    addr: Addr = field(default_factory=lambda: parse_addr(DEFAULT_API_ADDR))
+    authz: AuthzConfig = field(default_factory=AuthzConfig)
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+
+
+@dataclass(frozen=True)
+class GossipConfig:
+    """``[gossip]``: cluster membership and replication. Accepted now; takes effect later.
+
+    Attributes:
+        addr: where this agent listens for peers (``gossip.addr``).
+        bootstrap: peers to contact on start-up (``gossip.bootstrap``).
+        plaintext: talk to peers without TLS (``gossip.plaintext``).
+        cluster_id: agents only talk to peers with the same id (``gossip.cluster-id``), 0-65535.
+    """
+
+    addr: Addr = field(default_factory=lambda: parse_addr(DEFAULT_GOSSIP_ADDR))
+    bootstrap: tuple[Addr, ...] = ()
+    plaintext: bool = False
+    cluster_id: int = 0
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    """``[admin]``: the local admin interface.
+
+    Attributes:
+        path: the admin unix socket (``admin.path``), absolute. Defaults to ``admin.sock`` in the
+            database's directory. Keep it short: unix socket paths are limited to about 100 bytes.
+    """
+
+    path: Path
+
+
+@dataclass(frozen=True)
+class PrometheusConfig:
+    """``[telemetry.prometheus]``.
+
+    Attributes:
+        addr: where to serve Prometheus metrics (``telemetry.prometheus.addr``); ``None`` (the
+            default) serves no metrics endpoint.
+    """
+
+    addr: Addr | None = None
+
+
+@dataclass(frozen=True)
+class TelemetryConfig:
+    """``[telemetry]``: metrics.
+
+    Attributes:
+        prometheus: ``[telemetry.prometheus]``.
+    """
+
+    prometheus: PrometheusConfig = field(default_factory=PrometheusConfig)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """``[log]``: logging.
+
+    Attributes:
+        level: the minimum level logged (``log.level``), lower-case.
+        format: ``"plaintext"`` for humans or ``"json"`` for one JSON object per line (``log.format``).
+        colors: colour plaintext output (``log.colors``); callers should still disable colours when
+            the output is not a terminal.
+    """
+
+    level: LogLevel = "info"
+    format: LogFormat = "plaintext"
+    colors: bool = True
+
+    @property
+    def level_number(self) -> int:
+        """``level`` as a :mod:`logging` level number, e.g. ``logging.INFO``."""
+        return cast(int, getattr(logging, self.level.upper()))
+
+
+@dataclass(frozen=True)
+class PerfConfig:
+    """``[perf]``: tuning knobs.
+
+    Attributes:
+        subscription_batch_ms: how long a subscription collects changes before sending them
+            (``perf.subscription-batch-ms``); 0 sends each change at once.
+        max_write_batch: the most queued writes committed in one SQLite transaction
+            (``perf.max-write-batch``).
+    """
+
+    subscription_batch_ms: int = DEFAULT_SUBSCRIPTION_BATCH_MS
+    max_write_batch: int = DEFAULT_MAX_WRITE_BATCH
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole, validated agent configuration. Build it with :func:`load_config` or
+    :func:`parse_config`; in tests, :meth:`Config.for_db` is a quick way to get the defaults.
+
+    Attributes:
+        db, admin, api, gossip, telemetry, log, perf: the sections, named as in the file.
+        source: where the configuration came from (the file path as given), for messages.
+    """
+
+    db: DbConfig
+    admin: AdminConfig
+    api: ApiConfig = field(default_factory=ApiConfig)
+    gossip: GossipConfig = field(default_factory=GossipConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
+    source: str = "<memory>"
+
+    @classmethod
+    def for_db(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        schema_paths: Sequence[str | os.PathLike[str]] = (),
+    ) -> Config:
+        """A configuration with every default, for the database at ``path``.
+
+        Relative paths are resolved against the current directory.
+        """
+        db_path = Path(os.path.abspath(path))
+        return cls(
+            db=DbConfig(
+                path=db_path,
+                schema_paths=tuple(Path(os.path.abspath(p)) for p in schema_paths),
+            ),
+            admin=AdminConfig(path=db_path.parent / DEFAULT_ADMIN_SOCKET_NAME),
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate the config file at ``path``.
+
+    Relative paths inside the file are resolved against the file's directory.
+
+    Raises:
+        ConfigError: the file is missing or unreadable, is not UTF-8, is not valid TOML (the message
+            names the line), or does not validate (the message lists every problem).
+    """
+    source = os.fspath(path)
+    file = Path(source)
+    try:
+        raw = file.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {source}", source=source) from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {source} is a directory", source=source) from None
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise ConfigError(f"cannot read config file {source}: {reason}", source=source) from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(
+            f"config file {source} is not valid UTF-8 (at line {line})", source=source, line=line
+        ) from None
+    return parse_config(text, source, file.parent)
+
+
+_TOML_POSITION: Final = re.compile(r"^(?P<msg>.*) \(at line (?P<line>\d+), column (?P<col>\d+)\)$", re.S)
+_TOML_AT_END: Final = re.compile(r"^(?P<msg>.*) \(at end of document\)$", re.S)
+
+
+def parse_config(text: str, source: str, base_dir: Path) -> Config:
+    """Validate TOML ``text`` as a configuration.
+
+    Args:
+        text: the TOML document.
+        source: a name for the document, used in messages (normally the file path).
+        base_dir: the directory relative paths are resolved against (normally the file's directory);
+            if it is itself relative, it is taken relative to the current directory.
+
+    Raises:
+        ConfigError: the text is not valid TOML, or does not validate.
+    """
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise _toml_error(e, text, source) from None
+    return _build(document, source, Path(os.path.abspath(base_dir)))
+
+
+def _toml_error(error: tomllib.TOMLDecodeError, text: str, source: str) -> ConfigError:
+    """Turn tomllib's error into a ConfigError naming the file and the line."""
+    message = str(error)
+    if m := _TOML_POSITION.match(message):
+        line = int(m["line"])
+        where = f"at line {line}, column {m['col']}"
+        message = m["msg"]
+    elif m := _TOML_AT_END.match(message):
+        line = max(1, len(text.splitlines()))
+        where = f"at end of document (line {line})"
+        message = m["msg"]
+    else:  # pragma: no cover - tomllib always reports a position today
+        return ConfigError(f"invalid TOML in {source}: {message}", source=source)
+    return ConfigError(f"invalid TOML in {source} {where}: {message}", source=source, line=line)
+
+
+def _build(document: Mapping[str, object], source: str, base_dir: Path) -> Config:
+    """Validate a parsed TOML document into a Config, collecting every problem before raising."""
+    report = _Report(source)
+    root = _Table(report, "", document)
+
+    db = root.table("db")
+    db_path = db.path("path", base_dir, required=True)
+    schema_paths = db.path_list("schema_paths", base_dir)
+    db.finish()
+
+    api = root.table("api")
+    api_addr = api.addr("addr", DEFAULT_API_ADDR)
+    authz = api.table("authz")
+    bearer_token = authz.optional_str("bearer-token", nonempty=True)
+    authz.finish()
+    max_body_bytes = api.integer("max-body-bytes", DEFAULT_MAX_BODY_BYTES, minimum=1)
+    api.finish()
+
+    gossip = root.table("gossip")
+    gossip_addr = gossip.addr("addr", DEFAULT_GOSSIP_ADDR)
+    bootstrap = gossip.addr_list("bootstrap")
+    plaintext = gossip.boolean("plaintext", False)
+    cluster_id = gossip.integer("cluster-id", 0, minimum=0, maximum=_MAX_CLUSTER_ID)
+    gossip.finish()
+
+    admin = root.table("admin")
+    admin_path = admin.path("path", base_dir)
+    admin.finish()
+
+    telemetry = root.table("telemetry")
+    prometheus = telemetry.table("prometheus")
+    prometheus_addr = prometheus.optional_addr("addr")
+    prometheus.finish()
+    telemetry.finish()
+
+    log = root.table("log")
+    level = log.choice("level", LOG_LEVELS, "info", fold_case=True)
+    log_format = log.choice("format", LOG_FORMATS, "plaintext")
+    colors = log.boolean("colors", True)
+    log.finish()
+
+    perf = root.table("perf")
+    subscription_batch_ms = perf.integer("subscription-batch-ms", DEFAULT_SUBSCRIPTION_BATCH_MS, minimum=0)
+    max_write_batch = perf.integer("max-write-batch", DEFAULT_MAX_WRITE_BATCH, minimum=1)
+    perf.finish()
+
+    root.finish()
+
+    if prometheus_addr is not None and prometheus_addr == api_addr and api_addr.port != 0:
+        report.invalid("telemetry.prometheus.addr", f"{prometheus_addr} is already used by api.addr")
+
+    report.raise_if_any()
+    assert db_path is not None  # a missing required key was reported above
+    return Config(
+        db=DbConfig(path=db_path, schema_paths=schema_paths),
+        admin=AdminConfig(path=admin_path or db_path.parent / DEFAULT_ADMIN_SOCKET_NAME),
+        api=ApiConfig(addr=api_addr, authz=AuthzConfig(bearer_token), max_body_bytes=max_body_bytes),
+        gossip=GossipConfig(
+            addr=gossip_addr, bootstrap=bootstrap, plaintext=plaintext, cluster_id=cluster_id
+        ),
+        telemetry=TelemetryConfig(prometheus=PrometheusConfig(addr=prometheus_addr)),
+        log=LogConfig(level=cast(LogLevel, level), format=cast(LogFormat, log_format), colors=colors),
+        perf=PerfConfig(subscription_batch_ms=subscription_batch_ms, max_write_batch=max_write_batch),
+        source=source,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation helpers
+
+
+class _Report:
+    """Problems found while validating one document. Unknown keys come first, sorted by key; the
+    other problems follow in the order the keys are checked."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self._unknown: list[tuple[str, str]] = []
+        self._other: list[str] = []
+
+    def unknown(self, key: str, hint: str | None) -> None:
+        suffix = f' (did you mean "{hint}"?)' if hint else ""
+        self._unknown.append((key, f'unknown key "{key}" in {self.source}{suffix}'))
+
+    def missing(self, key: str) -> None:
+        self._other.append(f'missing required key "{key}" in {self.source}')
+
+    def wrong_type(self, key: str, expected: str, value: object) -> None:
+        self._other.append(
+            f'wrong type for "{key}" in {self.source}: expected {expected}, got {_describe(value)}'
+        )
+
+    def invalid(self, key: str, reason: str) -> None:
+        self._other.append(f'invalid value for "{key}" in {self.source}: {reason}')
+
+    def raise_if_any(self) -> None:
+        problems = [message for _, message in sorted(self._unknown)] + self._other
+        if problems:
+            raise ConfigError("\n".join(problems), source=self.source, problems=problems)
+
+
+class _Missing:
+    """The type of :data:`_MISSING`."""
+
+
+_MISSING: Final = _Missing()
+"""Returned by :meth:`_Table.take` for a key that is absent."""
+
+
+class _Table:
+    """One TOML table being validated: typed accessors that record problems instead of raising,
+    and remember which keys are known so :meth:`finish` can report the rest as unknown."""
+
+    def __init__(
+        self, report: _Report, prefix: str, data: Mapping[str, object], *, broken: bool = False
+    ) -> None:
+        self._report = report
+        self._prefix = prefix
+        self._data = data
+        self._known: list[str] = []
+        self._broken = broken
+        """The table's value was not a table (already reported): don't also report its keys missing."""
+
+    def key(self, key: str) -> str:
+        """The dotted path of ``key`` in this table."""
+        return f"{self._prefix}.{key}" if self._prefix else key
+
+    def take(self, key: str) -> object:
+        """The raw value of ``key``, or ``_MISSING``; marks ``key`` as known."""
+        self._known.append(key)
+        return self._data.get(key, _MISSING)
+
+    def finish(self) -> None:
+        """Report every key of this table that no accessor asked for."""
+        for key in self._data:
+            if key not in self._known:
+                close = difflib.get_close_matches(key, self._known, n=1)
+                self._report.unknown(self.key(key), self.key(close[0]) if close else None)
+
+    def table(self, key: str) -> _Table:
+        """The sub-table ``key`` (empty if absent). A non-table value is reported."""
+        value = self.take(key)
+        if isinstance(value, _Missing):
+            return _Table(self._report, self.key(key), {})
+        if not isinstance(value, dict):
+            self._report.wrong_type(self.key(key), "a table", value)
+            return _Table(self._report, self.key(key), {}, broken=True)
+        return _Table(self._report, self.key(key), cast(dict[str, object], value))
+
+    def optional_str(self, key: str, *, nonempty: bool = False) -> str | None:
+        value = self.take(key)
+        if isinstance(value, _Missing):
+            return None
+        if not isinstance(value, str):
+            self._report.wrong_type(self.key(key), "a string", value)
+            return None
+        if nonempty and not value:
+            self._report.invalid(self.key(key), "must not be empty (leave the key out instead)")
+            return None
+        return value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.take(key)
+        if isinstance(value, _Missing):
+            return default
+        if not isinstance(value, bool):
+            self._report.wrong_type(self.key(key), "true or false", value)
+            return default
+        return value
+
+    def integer(self, key: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
+        value = self.take(key)
+        if isinstance(value, _Missing):
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            self._report.wrong_type(self.key(key), "an integer", value)
+            return default
+        if value < minimum or (maximum is not None and value > maximum):
+            bounds = f"from {minimum} to {maximum}" if maximum is not None else f"at least {minimum}"
+            self._report.invalid(self.key(key), f"{value} is out of range (must be {bounds})")
+            return default
+        return value
+
+    def choice(self, key: str, choices: Sequence[str], default: str, *, fold_case: bool = False) -> str:
+        value = self.take(key)
+        if isinstance(value, _Missing):
+            return default
+        if not isinstance(value, str):
+            self._report.wrong_type(self.key(key), "a string", value)
+            return default
+        normalized = value.lower() if fold_case else value
+        if normalized not in choices:
+            allowed = ", ".join(f'"{c}"' for c in choices)
+            self._report.invalid(self.key(key), f"{_quote(value)} is not one of {allowed}")
+            return default
+        return normalized
+
+    def _addr(self, key: str, value: object) -> Addr | None:
+        if not isinstance(value, str):
+            self._report.wrong_type(self.key(key), 'a string "host:port"', value)
+            return None
+        try:
+            return parse_addr(value)
+        except ValueError as e:
+            self._report.invalid(self.key(key), f"{_quote(value)} is not a valid address: {e}")
+            return None
+
+    def addr(self, key: str, default: str) -> Addr:
+        value = self.take(key)
+        parsed = None if isinstance(value, _Missing) else self._addr(key, value)
+        return parse_addr(default) if parsed is None else parsed
+
+    def optional_addr(self, key: str) -> Addr | None:
+        value = self.take(key)
+        return None if isinstance(value, _Missing) else self._addr(key, value)
+
+    def _list(self, key: str, what: str) -> list[object]:
+        value = self.take(key)
+        if isinstance(value, _Missing):
+            return []
+        if not isinstance(value, list):
+            self._report.wrong_type(self.key(key), f"an array of {what}", value)
+            return []
+        return cast(list[object], value)
+
+    def addr_list(self, key: str) -> tuple[Addr, ...]:
+        result = []
+        for i, item in enumerate(self._list(key, 'strings "host:port"')):
+            addr = self._addr(f"{key}[{i}]", item)
+            if addr is not None:
+                result.append(addr)
+        return tuple(result)
+
+    def _path(self, key: str, value: object, base_dir: Path) -> Path | None:
+        if not isinstance(value, str):
+            self._report.wrong_type(self.key(key), "a string (a path)", value)
+            return None
+        if not value:
+            self._report.invalid(self.key(key), "the path must not be empty")
+            return None
+        if "\0" in value:
+            self._report.invalid(self.key(key), "the path must not contain a NUL character")
+            return None
+        return _resolve(base_dir, value)
+
+    def path(self, key: str, base_dir: Path, *, required: bool = False) -> Path | None:
+        value = self.take(key)
+        if isinstance(value, _Missing):
+            if required and not self._broken:
+                self._report.missing(self.key(key))
+            return None
+        return self._path(key, value, base_dir)
+
+    def path_list(self, key: str, base_dir: Path) -> tuple[Path, ...]:
+        result = []
+        for i, item in enumerate(self._list(key, "strings (paths)")):
+            path = self._path(f"{key}[{i}]", item, base_dir)
+            if path is not None:
+                result.append(path)
+        return tuple(result)
+
+
+def _resolve(base_dir: Path, value: str) -> Path:
+    """``value`` as an absolute, normalized path; ``~`` is expanded, relative paths join ``base_dir``."""
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        path = base_dir / path
+    return Path(os.path.normpath(path))
+
+
+def _quote(text: str, limit: int = 60) -> str:
+    """``text`` as a double-quoted string for messages, shortened if long."""
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _describe(value: object) -> str:
+    """A TOML-flavoured description of ``value``'s type (and value, when short) for messages."""
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    if isinstance(value, int):
+        return f"integer {value}"
+    if isinstance(value, float):
+        return f"float {value}"
+    if isinstance(value, str):
+        return f"string {_quote(value)}"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, datetime.datetime):
+        return "a date-time"
+    if isinstance(value, datetime.date):
+        return "a date"
+    if isinstance(value, datetime.time):
+        return "a time"
+    return type(value).__name__  # pragma: no cover - tomllib produces nothing else
