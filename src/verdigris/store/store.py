@@ -364,9 +364,10 @@ class Store:
         self.path = Path(path)
         if self.path.parent and not self.path.parent.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        # A per-process tag keeps internal statements apart from user SQL in the statement cache, so a
+        # Per-process markers keep internal statements and user SQL apart in the statement cache, so a
         # user statement can never reuse an internal statement prepared without the authorizer's checks.
         self._tag = f"/*vd:{secrets.token_hex(8)}*/"
+        self._user_suffix = f"\n/*user:{secrets.token_hex(8)}*/"
         self._lock = threading.RLock()
         self._local = False
         self._user_sql = False
@@ -527,7 +528,7 @@ class Store:
                     )
                     self._user_sql = True
                     try:
-                        cur = conn.execute(st.sql, params)
+                        cur = conn.execute(st.sql + self._user_suffix, params)
                         if cur.description is not None:
                             cur.fetchall()
                         rows = cur.rowcount if cur.rowcount >= 0 else 0
