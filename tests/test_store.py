@@ -60,9 +60,17 @@ def test_non_additive_changes_are_refused(tmp_path: Path) -> None:
     schema = write_schema(tmp_path / "s.sql", SCHEMA)
     store = Store(tmp_path / "db", [schema])
     refusals = {
-        "dropped table": ("CREATE TABLE apps (name TEXT NOT NULL PRIMARY KEY, org TEXT NOT NULL DEFAULT '', config TEXT);", "missing from the schema"),
+        "dropped table": (
+            "CREATE TABLE apps (name TEXT NOT NULL PRIMARY KEY, org TEXT NOT NULL DEFAULT '', config TEXT);",
+            "missing from the schema",
+        ),
         "dropped column": (SCHEMA.replace(", config TEXT", ""), "column 'config' was dropped"),
-        "changed pk": (SCHEMA.replace("id TEXT NOT NULL PRIMARY KEY, app", "id TEXT NOT NULL, app").replace("state TEXT)", "state TEXT, PRIMARY KEY (id, app))"), "primary key changed"),
+        "changed pk": (
+            SCHEMA.replace("id TEXT NOT NULL PRIMARY KEY, app", "id TEXT NOT NULL, app").replace(
+                "state TEXT)", "state TEXT, PRIMARY KEY (id, app))"
+            ),
+            "primary key changed",
+        ),
         "changed type": (SCHEMA.replace("config TEXT", "config BLOB"), "changed type"),
     }
     for name, (text, message) in refusals.items():
@@ -132,7 +140,9 @@ def test_one_transaction_is_one_version_in_seq_order(tmp_path: Path) -> None:
     result = store.transact(
         [
             Statement("INSERT INTO apps (name, org) VALUES (?, ?)", params=["a", "o"]),
-            Statement("INSERT INTO machines (id, app) VALUES (:id, :app)", named_params={"id": "m1", "app": "a"}),
+            Statement(
+                "INSERT INTO machines (id, app) VALUES (:id, :app)", named_params={"id": "m1", "app": "a"}
+            ),
             Statement("SELECT * FROM apps"),
         ]
     )
@@ -171,7 +181,12 @@ def test_failing_statement_rolls_back_everything(tmp_path: Path) -> None:
     with pytest.raises(StatementError, match="wrong parameters"):
         store.transact([Statement("INSERT INTO apps (name) VALUES (?)", params=[])])
     with pytest.raises(StatementError):
-        store.transact([Statement("INSERT INTO apps (name) VALUES ('b')"), Statement("INSERT INTO apps (name) VALUES ('b')")])
+        store.transact(
+            [
+                Statement("INSERT INTO apps (name) VALUES ('b')"),
+                Statement("INSERT INTO apps (name) VALUES ('b')"),
+            ]
+        )
     assert store.rows("apps") == []
     assert store.db_version == 0
     assert store.clock_rows("apps") == []
@@ -266,10 +281,34 @@ def test_invalid_changesets_are_rejected_not_booked(tmp_path: Path) -> None:
         Changeset(actor=b"short", version=1, changes=[], seqs=(0, 0), last_seq=0),
         Changeset(actor=good.actor, version=0, changes=[], seqs=(0, 0), last_seq=0),
         Changeset(actor=good.actor, version=2, changes=[], seqs=(3, 1), last_seq=5),
-        Changeset(actor=good.actor, version=3, changes=[c0.__class__(**{**_fields(c0), "table": "nope"})], seqs=(0, 5), last_seq=5),
-        Changeset(actor=good.actor, version=4, changes=[c0.__class__(**{**_fields(c0), "pk": ("a", "b")})], seqs=(0, 5), last_seq=5),
-        Changeset(actor=good.actor, version=5, changes=[c0.__class__(**{**_fields(c0), "cid": "zzz", "db_version": 5})], seqs=(0, 5), last_seq=5),
-        Changeset(actor=good.actor, version=6, changes=[c0.__class__(**{**_fields(c0), "val": [1, 2], "db_version": 6})], seqs=(0, 5), last_seq=5),
+        Changeset(
+            actor=good.actor,
+            version=3,
+            changes=[c0.__class__(**{**_fields(c0), "table": "nope"})],
+            seqs=(0, 5),
+            last_seq=5,
+        ),
+        Changeset(
+            actor=good.actor,
+            version=4,
+            changes=[c0.__class__(**{**_fields(c0), "pk": ("a", "b")})],
+            seqs=(0, 5),
+            last_seq=5,
+        ),
+        Changeset(
+            actor=good.actor,
+            version=5,
+            changes=[c0.__class__(**{**_fields(c0), "cid": "zzz", "db_version": 5})],
+            seqs=(0, 5),
+            last_seq=5,
+        ),
+        Changeset(
+            actor=good.actor,
+            version=6,
+            changes=[c0.__class__(**{**_fields(c0), "val": [1, 2], "db_version": 6})],
+            seqs=(0, 5),
+            last_seq=5,
+        ),
         Changeset(actor=dst.site_id, version=1, changes=[], seqs=(0, 0), last_seq=0),
     ]
     result = dst.merge([*bad, good])
@@ -300,7 +339,12 @@ def test_backup_is_a_consistent_copy(tmp_path: Path) -> None:
 
 def test_table_stats(tmp_path: Path) -> None:
     store = Store(tmp_path / "db", schema_sql=SCHEMA)
-    store.transact([Statement("INSERT INTO apps (name) VALUES ('a'), ('b')"), Statement("INSERT INTO machines (id) VALUES ('m')")])
+    store.transact(
+        [
+            Statement("INSERT INTO apps (name) VALUES ('a'), ('b')"),
+            Statement("INSERT INTO machines (id) VALUES ('m')"),
+        ]
+    )
     assert store.table_stats(["apps", "machines", "nope"]) == (3, ["nope"])
     assert store.table_stats([]) == (3, [])
     store.close()

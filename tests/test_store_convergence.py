@@ -64,7 +64,9 @@ def statements(op: tuple[object, ...]) -> list[Statement]:
 
 
 step = st.one_of(
-    st.tuples(st.just("write"), st.integers(min_value=0, max_value=4), st.lists(write_op, min_size=1, max_size=3)),
+    st.tuples(
+        st.just("write"), st.integers(min_value=0, max_value=4), st.lists(write_op, min_size=1, max_size=3)
+    ),
     st.tuples(st.just("sync"), st.integers(min_value=0, max_value=4), st.integers(min_value=0, max_value=4)),
 )
 
@@ -118,7 +120,9 @@ def state(store: Store) -> tuple[object, ...]:
     steps=st.lists(step, min_size=1, max_size=25),
     seed=st.integers(min_value=0, max_value=2**32 - 1),
 )
-def test_replicas_converge(tmp_path_factory: object, n_replicas: int, steps: list[tuple[object, ...]], seed: int) -> None:
+def test_replicas_converge(
+    tmp_path_factory: object, n_replicas: int, steps: list[tuple[object, ...]], seed: int
+) -> None:
     rng = random.Random(seed)
     base: Path = tmp_path_factory.mktemp("conv")  # type: ignore[attr-defined]
     stores = [Store(base / f"r{i}.db", schema_sql=SCHEMA) for i in range(n_replicas)]

@@ -50,7 +50,9 @@ class Table:
 
     @property
     def pk(self) -> tuple[str, ...]:
-        return tuple(c.name for c in sorted((c for c in self.columns if c.pk_index), key=lambda c: c.pk_index))
+        return tuple(
+            c.name for c in sorted((c for c in self.columns if c.pk_index), key=lambda c: c.pk_index)
+        )
 
     @property
     def non_pk(self) -> tuple[str, ...]:
@@ -89,7 +91,11 @@ class SchemaChanges:
 
     def is_empty(self) -> bool:
         return not (
-            self.new_tables or self.new_columns or self.new_indexes or self.dropped_indexes or self.changed_indexes
+            self.new_tables
+            or self.new_columns
+            or self.new_indexes
+            or self.dropped_indexes
+            or self.changed_indexes
         )
 
 
@@ -194,7 +200,7 @@ def _apply_schema_statement(scratch: sqlite3.Connection, schema: Schema, source:
     for typ, name, tbl_name, sql in rows:
         if (typ, name) not in added:
             continue
-        if name.startswith(INTERNAL_PREFIX) or name.startswith("sqlite_") and typ != "index":
+        if name.startswith(INTERNAL_PREFIX) or (name.startswith("sqlite_") and typ != "index"):
             raise SchemaError(f"{where}: the name {name!r} is reserved")
         if typ == "table":
             _check_table(scratch, name, where)
@@ -206,7 +212,9 @@ def _apply_schema_statement(scratch: sqlite3.Connection, schema: Schema, source:
             schema.indexes[name] = Index(name=name, table=tbl_name, sql=sql, source=source)
             _check_indexes(scratch, tbl_name, where)
         else:
-            raise SchemaError(f"{where}: only CREATE TABLE and CREATE INDEX statements are allowed (got {typ})")
+            raise SchemaError(
+                f"{where}: only CREATE TABLE and CREATE INDEX statements are allowed (got {typ})"
+            )
 
 
 def _check_table(conn: sqlite3.Connection, name: str, where: str) -> None:
@@ -220,7 +228,9 @@ def _check_table(conn: sqlite3.Connection, name: str, where: str) -> None:
         if cname == "-1" or cname.startswith(INTERNAL_PREFIX):
             raise SchemaError(f"{where}: column name {cname!r} is reserved")
     if conn.execute(f"PRAGMA foreign_key_list({quote_ident(name)})").fetchall():
-        raise SchemaError(f"{where}: table {name!r} declares a FOREIGN KEY (not allowed in a replicated table)")
+        raise SchemaError(
+            f"{where}: table {name!r} declares a FOREIGN KEY (not allowed in a replicated table)"
+        )
     gen = [r[1] for r in conn.execute(f"PRAGMA table_xinfo({quote_ident(name)})") if r[6] not in (0, 1)]
     if gen:
         raise SchemaError(f"{where}: generated columns are not supported ({', '.join(gen)})")
@@ -243,7 +253,9 @@ def diff_schema(current: Schema, new: Schema) -> SchemaChanges:
     for name, old in current.tables.items():
         nt = new.tables.get(name)
         if nt is None:
-            raise SchemaError(f"table {name!r} is in the database but missing from the schema (dropping is not allowed)")
+            raise SchemaError(
+                f"table {name!r} is in the database but missing from the schema (dropping is not allowed)"
+            )
         where = f"{nt.source}: table {name!r}"
         if nt.pk != old.pk:
             raise SchemaError(f"{where}: primary key changed from {old.pk} to {nt.pk} (not allowed)")
@@ -284,7 +296,11 @@ def read_database_schema(conn: sqlite3.Connection) -> Schema:
         "SELECT type, name, tbl_name, sql FROM sqlite_master WHERE type IN ('table', 'index') AND sql IS NOT NULL"
     ).fetchall()
     for typ, name, tbl_name, sql in rows:
-        if name.startswith(INTERNAL_PREFIX) or name.startswith("sqlite_") or tbl_name.startswith(INTERNAL_PREFIX):
+        if (
+            name.startswith(INTERNAL_PREFIX)
+            or name.startswith("sqlite_")
+            or tbl_name.startswith(INTERNAL_PREFIX)
+        ):
             continue
         if typ == "table":
             schema.tables[name] = read_table(conn, name, sql, "database")

@@ -209,7 +209,9 @@ class _TableOps:
             f"seq = excluded.seq, site_id = excluded.site_id"
         )
         value_case = (
-            "CASE k.cid " + " ".join(f"WHEN {sql_str(c)} THEN t.{quote_ident(c)}" for c in table.non_pk) + " END"
+            "CASE k.cid "
+            + " ".join(f"WHEN {sql_str(c)} THEN t.{quote_ident(c)}" for c in table.non_pk)
+            + " END"
             if table.non_pk
             else "NULL"
         )
@@ -228,7 +230,7 @@ class _TableOps:
     def clock_ddl(self) -> list[str]:
         table = self.table
         k = quote_ident(clock_table(table.name))
-        pk_defs = ", ".join(f"{quote_ident(c)} {table.column(c).type if table.column(c) else ''}" for c in self.pk)
+        pk_defs = ", ".join(f"{quote_ident(c.name)} {c.type}" for c in table.columns if c.pk_index)
         return [
             f"CREATE TABLE IF NOT EXISTS {k} ({pk_defs}, cid TEXT NOT NULL, col_version INTEGER NOT NULL, "
             f"db_version INTEGER NOT NULL, seq INTEGER NOT NULL, site_id BLOB NOT NULL, "
@@ -340,7 +342,9 @@ _DENIED_IN_TRANSACTIONS = {
 _WRITE_ACTIONS = {sqlite3.SQLITE_INSERT, sqlite3.SQLITE_UPDATE, sqlite3.SQLITE_DELETE}
 
 
-def _reader_authorizer(action: int, arg1: str | None, arg2: str | None, db: str | None, trig: str | None) -> int:
+def _reader_authorizer(
+    action: int, arg1: str | None, arg2: str | None, db: str | None, trig: str | None
+) -> int:
     if action in (sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH):
         return sqlite3.SQLITE_DENY
     if action == sqlite3.SQLITE_PRAGMA and arg2 is not None:
@@ -390,7 +394,9 @@ class Store:
             row = self._conn.execute(f"SELECT site_id FROM {INTERNAL_PREFIX}site WHERE id = 0").fetchone()
             if row is None:
                 self.site_id = site_id or os.urandom(16)
-                self._conn.execute(f"INSERT INTO {INTERNAL_PREFIX}site (id, site_id) VALUES (0, ?)", (self.site_id,))
+                self._conn.execute(
+                    f"INSERT INTO {INTERNAL_PREFIX}site (id, site_id) VALUES (0, ?)", (self.site_id,)
+                )
             else:
                 self.site_id = bytes(row[0])
             self._books: dict[bytes, ActorBooks] = {}
@@ -413,7 +419,9 @@ class Store:
         self._seq += 1
         return s
 
-    def _authorize(self, action: int, arg1: str | None, arg2: str | None, db: str | None, trig: str | None) -> int:
+    def _authorize(
+        self, action: int, arg1: str | None, arg2: str | None, db: str | None, trig: str | None
+    ) -> int:
         if not self._user_sql:
             return sqlite3.SQLITE_OK
         if action in _DENIED_IN_TRANSACTIONS:
@@ -630,10 +638,12 @@ class Store:
         table = f"{INTERNAL_PREFIX}bookkeeping"
         if replaced:
             self._conn.executemany(
-                f"{self._tag} DELETE FROM {table} WHERE actor = ? AND start = ?", [(actor, s) for s, _ in replaced]
+                f"{self._tag} DELETE FROM {table} WHERE actor = ? AND start = ?",
+                [(actor, s) for s, _ in replaced],
             )
         self._conn.execute(
-            f'{self._tag} INSERT INTO {table} (actor, start, "end") VALUES (?, ?, ?)', (actor, merged[0], merged[1])
+            f'{self._tag} INSERT INTO {table} (actor, start, "end") VALUES (?, ?, ?)',
+            (actor, merged[0], merged[1]),
         )
 
     def books(self) -> dict[bytes, ActorBooks]:
@@ -751,7 +761,9 @@ class Store:
         ):
             for ch in _change_list_decoder.decode(blob):
                 changes.setdefault(ch.seq, ch)
-        self._conn.execute(f"{self._tag} DELETE FROM {buf} WHERE actor = ? AND version = ?", (cs.actor, cs.version))
+        self._conn.execute(
+            f"{self._tag} DELETE FROM {buf} WHERE actor = ? AND version = ?", (cs.actor, cs.version)
+        )
         del books.partials[cs.version]
         return [changes[k] for k in sorted(changes)]
 
@@ -783,7 +795,13 @@ class Store:
                 st = states.get(tuple(r[:npk]))
                 if st is None:
                     continue
-                cid, col_version, site, dbv, seq = r[npk], r[npk + 1], bytes(r[npk + 2]), r[npk + 3], r[npk + 4]
+                cid, col_version, site, dbv, seq = (
+                    r[npk],
+                    r[npk + 1],
+                    bytes(r[npk + 2]),
+                    r[npk + 3],
+                    r[npk + 4],
+                )
                 if cid == SENTINEL_CID:
                     st.cl = col_version
                     st.meta = None if site == NO_SITE else (site, dbv, seq)
@@ -791,7 +809,9 @@ class Store:
                     st.clocks[cid] = (col_version, value_key(st.values.get(cid)), site, dbv, seq)
         return states
 
-    def _apply_table_changes(self, ops: _TableOps, changes: list[Change], result: MergeResult) -> set[PkTuple]:
+    def _apply_table_changes(
+        self, ops: _TableOps, changes: list[Change], result: MergeResult
+    ) -> set[PkTuple]:
         pks = list(dict.fromkeys(ch.pk for ch in changes))
         states = self._load_rows(ops, pks)
         for ch in changes:
@@ -888,7 +908,9 @@ class Store:
         with self._lock:
             for t in names:
                 if t in self.schema.tables:
-                    total += self._conn.execute(f"{self._tag} SELECT count(*) FROM {quote_ident(t)}").fetchone()[0]
+                    total += self._conn.execute(
+                        f"{self._tag} SELECT count(*) FROM {quote_ident(t)}"
+                    ).fetchone()[0]
         return total, invalid
 
     def clock_rows(self, table: str) -> list[tuple[Any, ...]]:
@@ -902,7 +924,9 @@ class Store:
     def rows(self, table: str) -> list[tuple[Any, ...]]:
         """Every row of a table, sorted (for tests and digests)."""
         with self._lock:
-            return sorted(self._conn.execute(f"{self._tag} SELECT * FROM {quote_ident(table)}").fetchall(), key=repr)
+            return sorted(
+                self._conn.execute(f"{self._tag} SELECT * FROM {quote_ident(table)}").fetchall(), key=repr
+            )
 
 
 def split_changeset(cs: Changeset, max_changes: int) -> list[Changeset]:
@@ -924,7 +948,12 @@ def split_changeset_groups(cs: Changeset, groups: Sequence[Sequence[Change]]) ->
         end = cs.seqs[1] if i == len(groups) - 1 else groups[i + 1][0].seq - 1
         pieces.append(
             Changeset(
-                actor=cs.actor, version=cs.version, changes=list(group), seqs=(start, end), last_seq=cs.last_seq, ts=cs.ts
+                actor=cs.actor,
+                version=cs.version,
+                changes=list(group),
+                seqs=(start, end),
+                last_seq=cs.last_seq,
+                ts=cs.ts,
             )
         )
         start = end + 1
