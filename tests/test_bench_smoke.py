@@ -1,0 +1,143 @@
+"""Smoke tests of the benchmarks in bench/: each runs with ``--quick`` and ends with one line of JSON, and a
+benchmark whose correctness check fails exits non-zero without reporting figures."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+TIMEOUT_S = 120
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def _run(args: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        check=False,
+    )
+
+
+def _last_json(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    lines = proc.stdout.strip().splitlines()
+    assert lines, f"no output; stderr:\n{proc.stderr}"
+    payload = json.loads(lines[-1])
+    assert isinstance(payload, dict)
+    return payload
+
+
+def _positive(d: dict[str, Any], keys: list[str]) -> None:
+    for k in keys:
+        assert k in d, f"missing key {k!r} in {d}"
+        v = d[k]
+        assert isinstance(v, int | float) and not isinstance(v, bool), f"{k} = {v!r} is not a number"
+        assert v > 0, f"{k} = {v!r} is not positive"
+
+
+def test_write_throughput_quick() -> None:
+    payload = _last_json(_run([str(BENCH / "write_throughput.py"), "--quick"]))
+    assert payload["bench"] == "write_throughput"
+    assert payload["quick"] is True
+    _positive(payload, ["repeats"])
+    results = payload["results"]
+    assert [r["batch_size"] for r in results] == [1, 100]
+    for r in results:
+        _positive(
+            r, ["batch_size", "rows", "transactions", "verdigris_rows_per_s", "plain_rows_per_s", "ratio"]
+        )
+        assert len(r["verdigris_runs"]) == len(r["plain_runs"]) == payload["repeats"]
+
+
+def test_merge_throughput_quick() -> None:
+    payload = _last_json(_run([str(BENCH / "merge_throughput.py"), "--quick"]))
+    assert payload["bench"] == "merge_throughput"
+    assert payload["quick"] is True
+    _positive(
+        payload,
+        [
+            "repeats",
+            "rows",
+            "versions",
+            "changes",
+            "superseded",
+            "extract_changes_per_s",
+            "target_changes_per_s",
+        ],
+    )
+    assert isinstance(payload["target_met"], bool)
+    results = payload["results"]
+    assert [r["batch_size"] for r in results] == [1000, 10000]
+    for r in results:
+        _positive(
+            r,
+            [
+                "batch_size",
+                "batches",
+                "verdigris_changes_per_s",
+                "verdigris_cpu_changes_per_s",
+                "plain_changes_per_s",
+                "plain_rows_per_s",
+                "ratio",
+            ],
+        )
+        assert isinstance(r["meets_target"], bool)
+    assert payload["target_met"] == all(r["meets_target"] for r in results)
+
+
+# A broken store must make the benchmark fail: run it in-process with a sabotaged Store method.
+_SABOTAGE = {
+    "merge_throughput": """
+        from verdigris.store import Change, Changeset, Store
+        real = Store.merge
+        def merge(self, changesets):
+            out = []
+            for cs in changesets:  # every non-sentinel value arrives wrong
+                changes = [Change(c.table, c.pk, c.cid, c.val if c.cid == "-1" else "x", c.col_version,
+                                  c.db_version, c.site_id, c.cl, c.seq) for c in cs.changes]
+                out.append(Changeset(cs.actor, cs.version, changes, cs.seqs, cs.last_seq, cs.ts))
+            return real(self, out)
+        Store.merge = merge
+        """,
+    "write_throughput": """
+        from verdigris.store import Store
+        real = Store.transact
+        def transact(self, statements):  # loses all but the first statement of each transaction
+            return real(self, list(statements)[:1])
+        Store.transact = transact
+        """,
+}
+
+
+@pytest.mark.parametrize("bench", sorted(_SABOTAGE))
+def test_bench_fails_on_broken_store(bench: str) -> None:
+    args = ["--quick", "--repeats", "1"]
+    code = (
+        "import sys\n"
+        f"sys.path.insert(0, {str(BENCH)!r})\n"
+        + textwrap.dedent(_SABOTAGE[bench])
+        + f"import {bench}\nsys.exit({bench}.main({args!r}))\n"
+    )
+    proc = _run(["-c", code])
+    assert proc.returncode != 0, proc.stdout
+    assert "FAILED" in proc.stdout
+    last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+    assert not last.startswith("{"), f"a failed run reported figures: {last}"
