@@ -156,7 +156,7 @@ def test_kill9_during_write_load_loses_no_acknowledged_transaction(agent: Agent)
     (count,) = query_rows(agent.base, "SELECT count(*) FROM kv WHERE k LIKE 'w%'")
     assert count[0] >= len(acked_now)
     # The restarted agent keeps writing at the next version, with no gap in its own history.
-    resp = post(f"{agent.base}/v1/transactions", [["INSERT INTO kv (k) VALUES ('after')"]])
+    resp = post(f"{agent.base}/v1/transactions", ["INSERT INTO kv (k) VALUES ('after')"])
     assert isinstance(resp, dict)
     assert resp["version"] > max_version
     assert resp["version"] == count[0] + 1
