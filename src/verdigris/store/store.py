@@ -359,13 +359,17 @@ _WRITE_ACTIONS = {sqlite3.SQLITE_INSERT, sqlite3.SQLITE_UPDATE, sqlite3.SQLITE_D
 
 
 def _reader_authorizer(
+    # Table-valued functions (json_each, ...) declare their virtual table, which the authorizer sees as
+    # an UPDATE of sqlite_master; SQLite itself refuses real writes to it.
     action: int, arg1: str | None, arg2: str | None, db: str | None, trig: str | None
 ) -> int:
     if action in (sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH):
         return sqlite3.SQLITE_DENY
     if action == sqlite3.SQLITE_PRAGMA and arg2 is not None:
         return sqlite3.SQLITE_DENY
-    if action in _WRITE_ACTIONS or action in _DENIED_IN_TRANSACTIONS - {sqlite3.SQLITE_PRAGMA}:
+    if action in _WRITE_ACTIONS and arg1 != "sqlite_master":
+        return sqlite3.SQLITE_DENY
+    if action in _DENIED_IN_TRANSACTIONS - {sqlite3.SQLITE_PRAGMA}:
         return sqlite3.SQLITE_DENY
     return sqlite3.SQLITE_OK
 
@@ -448,7 +452,7 @@ class Store:
             action in _WRITE_ACTIONS
             and trig is None
             and arg1 is not None
-            and (arg1.startswith(INTERNAL_PREFIX) or arg1.startswith("sqlite_"))
+            and (arg1.startswith(INTERNAL_PREFIX) or arg1 == "sqlite_sequence")
         ):
             return sqlite3.SQLITE_DENY
         return sqlite3.SQLITE_OK
@@ -920,12 +924,14 @@ class Store:
         names = list(tables) or list(self.schema.tables)
         invalid = [t for t in names if t not in self.schema.tables]
         total = 0
-        with self._lock:
+        # On a reader, so that counting a large table never holds up writes.
+        reader = self.open_reader()
+        try:
             for t in names:
                 if t in self.schema.tables:
-                    total += self._conn.execute(
-                        f"{self._tag} SELECT count(*) FROM {quote_ident(t)}"
-                    ).fetchone()[0]
+                    total += reader.execute(f"SELECT count(*) FROM {quote_ident(t)}").fetchone()[0]
+        finally:
+            reader.close()
         return total, invalid
 
     def clock_rows(self, table: str) -> list[tuple[Any, ...]]:
