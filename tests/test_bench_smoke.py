@@ -141,3 +141,13 @@ def test_bench_fails_on_broken_store(bench: str) -> None:
     assert "FAILED" in proc.stdout
     last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
     assert not last.startswith("{"), f"a failed run reported figures: {last}"
+
+
+def test_subscription_latency_quick() -> None:
+    payload = _last_json(_run([str(BENCH / "subscription_latency.py"), "--quick"]))
+    assert payload["bench"] == "subscription_latency"
+    assert payload["quick"] is True
+    _positive(payload, ["achieved_rate", "p50_ms", "p99_ms", "max_ms"])
+    assert payload["p50_ms"] <= payload["p99_ms"] <= payload["max_ms"]
+    (run,) = payload["runs"]
+    assert run["events"] == run["commits"] > 0
