@@ -788,6 +788,8 @@ class SubscriptionManager:
         self._closed = False
         self.overflows = 0
         """Times the pending set overflowed (each turned into full re-diffs)."""
+        self.refused = 0
+        """Subscription requests refused as invalid or unsupported."""
         self._vm_steps = 0
         self._deadline: float | None = None
         self._reader = store.open_reader()
@@ -807,9 +809,13 @@ class SubscriptionManager:
         writes, or cannot be maintained incrementally."""
         if self._closed:
             raise SubscriptionError("the subscription manager is closed")
-        norm = _normalize_params(params)
-        plan = analyse(sql, self._store.schema)
-        columns, scans = self._probe(plan, norm)
+        try:
+            norm = _normalize_params(params)
+            plan = analyse(sql, self._store.schema)
+            columns, scans = self._probe(plan, norm)
+        except SubscriptionError:
+            self.refused += 1
+            raise
         key = f"{plan.canonical}\x00{_params_key(norm)}\x00{columns!r}"
         with self._lock:
             existing = self._by_key.get(key)
