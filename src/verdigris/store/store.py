@@ -359,10 +359,14 @@ _WRITE_ACTIONS = {sqlite3.SQLITE_INSERT, sqlite3.SQLITE_UPDATE, sqlite3.SQLITE_D
 
 
 def _reader_authorizer(
+    action: int,
+    arg1: str | None,
+    arg2: str | None,
+    db: str | None,
+    trig: str | None,
+) -> int:
     # Table-valued functions (json_each, ...) declare their virtual table, which the authorizer sees as
     # an UPDATE of sqlite_master; SQLite itself refuses real writes to it.
-    action: int, arg1: str | None, arg2: str | None, db: str | None, trig: str | None
-) -> int:
     if action in (sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH):
         return sqlite3.SQLITE_DENY
     if action == sqlite3.SQLITE_PRAGMA and arg2 is not None:
