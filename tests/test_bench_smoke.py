@@ -151,3 +151,23 @@ def test_subscription_latency_quick() -> None:
     assert payload["p50_ms"] <= payload["p99_ms"] <= payload["max_ms"]
     (run,) = payload["runs"]
     assert run["events"] == run["commits"] > 0
+
+
+def test_sim_propagation_quick() -> None:
+    payload = _last_json(_run([str(BENCH / "sim_propagation.py"), "--quick"]))
+    assert payload["bench"] == "sim_propagation"
+    assert payload["quick"] is True and payload["membership"] == "static"
+    results = payload["results"]
+    assert {(r["nodes"], r["loss"], r["driver"]) for r in results} == {
+        (n, loss, d) for n in (100, 1000) for loss in (0.0, 0.1) for d in ("timer", "ticker")
+    }
+    for r in results:
+        _positive(r, ["seeds", "t99_s", "t999_s", "t100_s", "serf_model_t99_s", "datagrams_per_node"])
+        assert r["t99_s"] <= r["t999_s"] <= r["t100_s"]
+        assert len(r["t99_runs"]) == r["seeds"] == 3
+    # The model columns reproduce the published anchors at N = 1,000.
+    serf = {r["loss"]: r for r in results if r["nodes"] == 1000}
+    assert (
+        round(serf[0.0]["serf_model_t99_s"], 2) == 1.53 and round(serf[0.1]["serf_model_t999_s"], 2) == 2.05
+    )
+    assert len(payload["anchors"]) == 4 and isinstance(payload["anchors_met"], bool)

@@ -44,6 +44,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Final, Protocol, TypeAlias
 
@@ -311,19 +312,30 @@ class Broadcaster:
             deadline = max(deadline, refill)
         return deadline
 
-    def tick(self, now: float, members: Sequence[Member]) -> list[tuple[bytes, Addr]]:
+    def tick(
+        self, now: float, members: Sequence[Member], *, addrs: AbstractSet[Addr] | None = None
+    ) -> list[tuple[bytes, Addr]]:
         """One gossip round: datagrams for up to ``fanout`` random members of ``members`` (the live
-        members, this node excluded or filtered by ``node_id``)."""
+        members, this node excluded or filtered by ``node_id``).
+
+        For large clusters a caller that keeps its member view up to date (the simulator) can make a tick
+        cost O(fanout) instead of O(N): build the broadcaster without ``node_id`` and pass a view that
+        already excludes this node (it is then used as given, not copied), and ``addrs``, the set of the
+        addresses of ``members``, kept alongside (otherwise it is built here for every tick).
+        """
         cfg = self.config
         self._next_tick = now + cfg.interval
         self._refill(now)
-        peers = [m for m in members if m.id != self._node_id]
+        if self._node_id is None and isinstance(members, Sequence):
+            peers: Sequence[Member] = members
+        else:
+            peers = [m for m in members if m.id != self._node_id]
         limit = retransmit_limit(cfg.retransmit_mult, len(peers) + 1)
         self._expire(limit)
         if not self._by_key or not peers:
             return []
         targets = self._rng.sample(peers, min(cfg.fanout, len(peers)))
-        everyone = frozenset(m.addr for m in peers)
+        everyone = addrs if addrs is not None else frozenset(m.addr for m in peers)
         out: list[tuple[bytes, Addr]] = []
         for member in targets:
             addr = member.addr
@@ -440,7 +452,7 @@ class Broadcaster:
                 self._remove(piece)
                 self.stats.expired += 1
 
-    def _fill(self, addr: Addr, everyone: frozenset[Addr]) -> list[_Piece]:
+    def _fill(self, addr: Addr, everyone: AbstractSet[Addr]) -> list[_Piece]:
         """Pieces for one datagram to ``addr``: fewest transmissions first, then oldest. Pieces met on the
         way that every live member already has are retired (in a small cluster they would otherwise
         wait forever for transmissions that can no longer happen)."""

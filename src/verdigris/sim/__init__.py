@@ -1,5 +1,5 @@
 """Deterministic simulation of the gossip cores: many nodes, one process, virtual time, seeded faults."""
 
-from verdigris.sim.simulator import Network, SimStats, Simulator
+from verdigris.sim.simulator import Changes, Network, SimStats, Simulator, StaticMembership
 
-__all__ = ["Network", "SimStats", "Simulator"]
+__all__ = ["Changes", "Network", "SimStats", "Simulator", "StaticMembership"]

@@ -1,4 +1,8 @@
-"""Run one membership simulation and print what it cost: ``python -m verdigris.sim --nodes 1000``.
+"""Run one simulation and print what it cost: ``python -m verdigris.sim --nodes 1000``.
+
+Membership only by default. ``--changes`` adds broadcast and sync on every node and ``--writes`` local
+writes a second at random nodes (until ``--writes-until``); ``--static`` replaces the per-node SWIM
+membership by one shared static view (implies ``--changes``; reaches 10,000 nodes).
 
 ``--cold`` joins every node through three seeds (a join storm, ``--join-rate`` nodes a second);
 the default starts them as a formed cluster (:meth:`Simulator.bootstrap`). ``--crash`` kills one node
@@ -8,10 +12,13 @@ after ``--crash-at`` seconds and reports when the others declared it dead.
 from __future__ import annotations
 
 import argparse
+import functools
+import random
+import resource
 import time
 
 from verdigris.gossip import MemberDown, MemberEvent, Timing
-from verdigris.sim.simulator import Network, Simulator
+from verdigris.sim.simulator import Changes, Network, Simulator, StaticMembership
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -25,7 +32,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--join-rate", type=float, default=100.0, help="joins per second with --cold")
     parser.add_argument("--crash", action="store_true")
     parser.add_argument("--crash-at", type=float, default=10.0)
+    parser.add_argument("--changes", action="store_true", help="broadcast and sync on every node")
+    parser.add_argument("--static", action="store_true", help="static membership (implies --changes)")
+    parser.add_argument("--writes", type=float, default=1.0, help="local writes a second, with --changes")
+    parser.add_argument("--writes-until", type=float, default=None, help="default: half of --seconds")
     args = parser.parse_args(argv)
+    if args.static and args.cold:
+        parser.error("--cold needs SWIM membership")
 
     downs: list[tuple[float, str]] = []
 
@@ -34,7 +47,15 @@ def main(argv: list[str] | None = None) -> None:
             downs.append((t, event.member.id))
 
     timing = Timing.wan() if args.wan else Timing.lan()
-    sim = Simulator(args.seed, network=Network(loss=args.loss), timing=timing, on_event=on_event)
+    changes = Changes() if args.changes or args.static else None
+    sim = Simulator(
+        args.seed,
+        network=Network(loss=args.loss),
+        timing=timing,
+        on_event=on_event,
+        membership=StaticMembership() if args.static else None,
+        changes=changes,
+    )
     ids = sim.add_nodes(args.nodes)
     started = time.perf_counter()
     if args.cold:
@@ -48,17 +69,36 @@ def main(argv: list[str] | None = None) -> None:
     victim = ids[len(ids) // 2]
     if args.crash:
         sim.at(args.crash_at, lambda: sim.crash(victim))
+    if changes is not None and args.writes > 0:
+        rng = random.Random(f"{args.seed}/writes")
+        until = args.writes_until if args.writes_until is not None else args.seconds / 2
+
+        def write(nid: str) -> None:
+            if sim.is_running(nid):
+                sim.write(nid)
+
+        t = rng.expovariate(args.writes)
+        while t < until:
+            sim.at(t, functools.partial(write, rng.choice(ids)))
+            t += rng.expovariate(args.writes)
     step = max(1.0, args.seconds / 10)
     while sim.now < args.seconds:
         sim.run_until(min(args.seconds, sim.now + step))
-        up = [x for x in ids if sim.is_up(x)]
-        views = [sim.node(x).num_alive() for x in up]
-        print(
-            f"t={sim.now:7.1f}s  wall={time.perf_counter() - started:6.1f}s  datagrams={sim.stats.sent:>9}"
-            f"  view min/max={min(views)}/{max(views)}"
-        )
+        line = f"t={sim.now:7.1f}s  wall={time.perf_counter() - started:6.1f}s  datagrams={sim.stats.sent:>9}"
+        if not args.static:
+            views = [sim.node(x).num_alive() for x in ids if sim.is_up(x)]
+            line += f"  view min/max={min(views)}/{max(views)}"
+        if changes is not None:
+            s = sim.stats
+            line += (
+                f"  versions={s.local_versions} via broadcast/sync={s.broadcast_versions}/{s.sync_versions}"
+                f"  syncs={s.sync_sessions}  converged={sim.converged()}"
+            )
+        print(line)
     wall = time.perf_counter() - started
-    print(f"{args.nodes} nodes, {args.seconds:.0f} s simulated in {wall:.1f} s wall; {sim.stats}")
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"{args.nodes} nodes, {args.seconds:.0f} s simulated in {wall:.1f} s wall, peak RSS {rss:,.0f} MiB")
+    print(sim.stats)
     if args.crash:
         times = sorted(t - args.crash_at for t, member in downs if member == victim)
         if times:
