@@ -341,3 +341,71 @@ def test_second_agent_on_the_same_socket_is_refused(agent: AgentProcess) -> None
 
 def test_admin_socket_is_private(agent: AgentProcess) -> None:
     assert agent.settings.admin.path.stat().st_mode & 0o077 == 0
+
+
+# ---------------------------------------------------------------------------------------- cluster, keys
+
+
+def gossip_config(tmp_path: Path, key: str | None) -> Path:
+    config = write_config(tmp_path, port=free_port())
+    section = f'\n[gossip]\naddr = "127.0.0.1:{free_port()}"\nregion = "ams"\n'
+    if key is not None:
+        section += f'key = "{key}"\n'
+    config.write_text(config.read_text() + section)
+    return config
+
+
+def test_gossip_without_a_key_is_refused_at_start(tmp_path: Path) -> None:
+    result = run("agent", "-c", str(gossip_config(tmp_path, None)))
+    assert result.returncode == 1
+    assert "no key is configured: set gossip.key" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cluster_and_keys_commands(tmp_path: Path) -> None:
+    generated = run("keys", "generate")
+    assert generated.returncode == 0
+    first = generated.stdout.strip()
+    assert len(first) == 44 and first.endswith("=")
+    second = run("keys", "generate").stdout.strip()
+    config = gossip_config(tmp_path, first)
+    proc = AgentProcess(config)
+    try:
+        c = str(config)
+        members = run("cluster", "members", "-c", c)
+        assert members.returncode == 0, members.stderr
+        assert "alive" in members.stdout and "ams" in members.stdout and "(self)" in members.stdout
+        rows = json.loads(run("cluster", "members", "-c", c, "--json").stdout)
+        assert len(rows) == 1 and rows[0]["self"] and rows[0]["state"] == "alive"
+        assert run("cluster", "rejoin", "-c", c).returncode == 0
+        status = json.loads(run("cluster", "status", "-c", c).stdout)
+        assert status["gaps"] == 0 and status["members_alive"] == 1
+
+        from verdigris.gossip.keyring import fingerprint
+
+        listed = run("keys", "list", "-c", c)
+        assert listed.stdout.strip() == f"{fingerprint(first)}  (primary)"
+        assert run("keys", "install", "-c", c, second).returncode == 0
+        used = subprocess.run(
+            [VERDIGRIS, "keys", "use", "-c", c, "-"],
+            input=second + "\n",
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert used.returncode == 0, used.stderr
+        removed = run("keys", "remove", "-c", c, first)
+        assert removed.returncode == 0
+        assert removed.stdout.splitlines()[-1] == f"{fingerprint(second)}  (primary)"
+        assert first not in removed.stdout + used.stdout  # keys are shown by fingerprint only
+        refused = run("keys", "remove", "-c", c, second)
+        assert refused.returncode == 1 and "primary" in refused.stderr
+        saved = json.loads((tmp_path / "keyring.json").read_text())
+        assert saved["keys"] == [second]
+    finally:
+        proc.kill()
+
+
+def test_cluster_commands_on_an_agent_without_gossip(agent: AgentProcess) -> None:
+    result = run("cluster", "members", "-c", str(agent.config))
+    assert result.returncode == 1
+    assert "without a [gossip] section" in result.stderr

@@ -575,3 +575,75 @@ def test_docs_example_config_loads(tmp_path: Path) -> None:
     for section in ("api", "gossip", "telemetry", "log", "perf"):
         assert getattr(cfg, section) != getattr(defaults, section), section
     assert cfg.db.schema_paths and cfg.admin.path != defaults.admin.path
+
+
+# --- [gossip]: the cluster -------------------------------------------------------------------------------
+
+GOSSIP_KEY = "3m9R62nrN4jwIBJtngCTwraECKYovAITzKF9x8WPg/s="
+
+
+def test_gossip_runs_only_with_a_gossip_section() -> None:
+    assert parse(MINIMAL).gossip.enabled is False
+    assert Config.for_db("/tmp/x.db").gossip.enabled is False
+    cfg = parse(MINIMAL + "[gossip]\n")
+    assert cfg.gossip.enabled is True
+    assert cfg.gossip.keyring_path == Path("/srv/vd/keyring.json")  # beside the database
+    assert (cfg.gossip.profile, cfg.gossip.region, cfg.gossip.fault_injection) == ("lan", "", False)
+    assert cfg.gossip.key is None and cfg.gossip.external_addr is None
+
+
+def test_gossip_cluster_keys() -> None:
+    cfg = parse(
+        MINIMAL
+        + f"""
+        [gossip]
+        addr = "0.0.0.0:7000"
+        external-addr = "10.0.0.5:7000"
+        key = "{GOSSIP_KEY}"
+        keyring-path = "keys/ring.json"
+        region = "ams"
+        profile = "wan"
+        fault-injection = true
+        """
+    )
+    g = cfg.gossip
+    assert g.external_addr == Addr("10.0.0.5", 7000)
+    assert g.key == GOSSIP_KEY and g.keyring_path == Path("/srv/vd/keys/ring.json")
+    assert (g.region, g.profile, g.fault_injection) == ("ams", "wan", True)
+    assert GOSSIP_KEY not in repr(cfg)  # the key never lands in a log or a traceback
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            '[gossip]\nkey = "c2hvcnQ="\n',
+            'invalid value for "gossip.key" in {src}: key decodes to 5 bytes; an AES key must be 16, 24 or 32 '
+            "bytes (32 recommended)",
+        ),
+        (
+            f'[gossip]\nkey = "{GOSSIP_KEY}"\nplaintext = true\n',
+            'invalid value for "gossip.key" in {src}: a key and plaintext = true exclude each other; choose one',
+        ),
+        (
+            '[gossip]\nprofile = "moon"\n',
+            'invalid value for "gossip.profile" in {src}: "moon" is not one of "lan", "wan"',
+        ),
+        (
+            '[gossip]\nregion = "a b"\n',
+            'invalid value for "gossip.region" in {src}: at most 64 characters and no whitespace',
+        ),
+        (
+            '[gossip]\nexternal-addr = "10.0.0.1:0"\n',
+            'invalid value for "gossip.external-addr" in {src}: the port must be given (not 0)',
+        ),
+    ],
+)
+def test_gossip_key_errors(text: str, expected: str) -> None:
+    assert errors(MINIMAL + text) == [expected.format(src=SRC)]
+
+
+def test_gossip_key_error_never_echoes_the_key() -> None:
+    secret = "not-base64-but-secret!"
+    (problem,) = errors(MINIMAL + f'[gossip]\nkey = "{secret}"\n')
+    assert secret not in problem and "gossip.key" in problem

@@ -11,6 +11,17 @@ Commands (the agent provides the handlers):
 * ``reload`` → re-read the schema files and apply additive changes live; the reply lists the changes.
 * ``backup <path>`` → a consistent online copy of the database at ``path``.
 
+A clustered agent (one with ``[gossip]``) adds:
+
+* ``members`` → every member this node knows, itself first (id, addr, region, state, incarnation, RTT,
+  last seen).
+* ``rejoin`` → announce this node again to its bootstrap list and every member it knows.
+* ``status`` → replication state (heads, gaps, partial versions, queues) and gossip counters.
+* ``keys list`` | ``keys install <key>`` | ``keys use <key>`` | ``keys remove <key>`` → the gossip keyring;
+  changes are saved to the keyring file and take effect at once. Replies name keys by fingerprint only.
+* ``fault block <host:port>...`` | ``fault heal`` | ``fault status`` → drop all traffic to and from peers
+  (only with ``gossip.fault-injection = true``; for partition tests).
+
 The socket file is created with mode 0600: whoever can use it can back up the whole database.
 """
 
@@ -68,6 +79,18 @@ def parse_command(line: bytes) -> dict[str, Any]:
         if len(args) != 1:
             raise ValueError("usage: backup <path>")
         return {"cmd": "backup", "path": args[0]}
+    if cmd == "keys":
+        if args in (["list"], []):
+            return {"cmd": "keys", "action": "list"}
+        if len(args) != 2 or args[0] not in ("install", "use", "remove"):
+            raise ValueError("usage: keys list | keys install|use|remove <base64 key>")
+        return {"cmd": "keys", "action": args[0], "key": args[1]}
+    if cmd == "fault":
+        if args[:1] == ["block"] and len(args) > 1:
+            return {"cmd": "fault", "action": "block", "addrs": args[1:]}
+        if args in (["heal"], ["status"]):
+            return {"cmd": "fault", "action": args[0]}
+        raise ValueError("usage: fault block <host:port>... | fault heal | fault status")
     if args:
         raise ValueError(f"{cmd} takes no arguments")
     return {"cmd": cmd}

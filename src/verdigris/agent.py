@@ -7,7 +7,10 @@
 * the :class:`~verdigris.store.subscriptions.SubscriptionManager`, its state in ``<db path>.subscriptions/``;
 * the HTTP API on ``[api] addr`` and, when configured, Prometheus metrics on
   ``[telemetry.prometheus] addr``;
-* the admin socket on ``[admin] path`` (:mod:`verdigris.admin`): ``ping``, ``reload``, ``backup``.
+* the admin socket on ``[admin] path`` (:mod:`verdigris.admin`): ``ping``, ``reload``, ``backup``, and
+  for a clustered agent ``members``, ``rejoin``, ``status``, ``keys`` and ``fault``;
+* when the file has a ``[gossip]`` section, the :class:`~verdigris.runtime.GossipRuntime` that makes the
+  agent a member of a cluster (membership, broadcast and sync on ``[gossip] addr``).
 
 Start-up problems (a bad schema, a database that cannot be opened, a port in use, another agent on the
 same admin socket) raise :class:`AgentError` with a one-line message, so the CLI can print it and exit
@@ -32,11 +35,19 @@ from typing import Any, ClassVar, TextIO
 
 from aiohttp import web
 
-from verdigris.admin import AdminError, AdminServer, AdminUnavailable, admin_call
+from verdigris.admin import AdminError, AdminHandler, AdminServer, AdminUnavailable, admin_call
 from verdigris.api.metrics import ApiMetrics, metrics_app
 from verdigris.api.server import ApiServer, ApiSettings
 from verdigris.api.threads import StoreThreads
 from verdigris.config import Addr, Config, LogConfig
+from verdigris.runtime import (
+    FaultInjectionDisabled,
+    GossipRuntime,
+    GossipSetupError,
+    open_keyring,
+    peers_path,
+)
+from verdigris.runtime.gossip import parse_peer_addr
 from verdigris.store.store import Store
 from verdigris.store.subscriptions import SubscriptionManager
 from verdigris.store.types import StoreError
@@ -76,6 +87,8 @@ class Agent:
         self.api_addr: Addr | None = None
         """Where the API actually listens (the real port when ``api.addr`` has port 0)."""
         self.metrics_addr: Addr | None = None
+        self.gossip: GossipRuntime | None = None
+        """The cluster runtime, when ``[gossip]`` is configured and the agent is started."""
 
     @property
     def api_url(self) -> str:
@@ -102,9 +115,20 @@ class Agent:
     async def _start(self) -> None:
         config = self.config
         loop = asyncio.get_running_loop()
-        admin = AdminServer(
-            config.admin.path, {"ping": self._ping, "reload": self._reload, "backup": self._backup}
-        )
+        handlers: dict[str, AdminHandler] = {
+            "ping": self._ping,
+            "reload": self._reload,
+            "backup": self._backup,
+        }
+        if config.gossip.enabled:
+            handlers.update(
+                members=self._members,
+                rejoin=self._rejoin,
+                status=self._status,
+                keys=self._keys,
+                fault=self._fault,
+            )
+        admin = AdminServer(config.admin.path, handlers)
         # Before touching the database: refuse to run beside another agent on the same admin socket.
         await self._check_admin_free(admin)
 
@@ -118,8 +142,18 @@ class Agent:
         except (StoreError, sqlite3.Error, OSError) as e:
             raise AgentError(f"cannot start subscriptions: {e}") from None
 
-        self.api = ApiServer(self.store, self.threads, self.subs, self.api_settings, self.metrics)
+        self.api = ApiServer(
+            self.store,
+            self.threads,
+            self.subs,
+            self.api_settings,
+            self.metrics,
+            members=lambda: self.gossip.member_count() if self.gossip is not None else 0,
+            queue_size=lambda: self.gossip.queue_size() if self.gossip is not None else 0,
+        )
         self._api_runner, self.api_addr = await self._listen(self.api.app, config.api.addr, "api.addr")
+        if config.gossip.enabled:
+            await self._start_gossip()
         if config.telemetry.prometheus.addr is not None:
             self._metrics_runner, self.metrics_addr = await self._listen(
                 metrics_app(self.metrics), config.telemetry.prometheus.addr, "telemetry.prometheus.addr"
@@ -136,6 +170,26 @@ class Agent:
             config.db.path,
             self.store.site_id.hex(),
         )
+
+    async def _start_gossip(self) -> None:
+        assert self.store is not None and self.threads is not None and self.api_addr is not None
+        config = self.config
+        try:
+            keyring, keyring_path = await asyncio.to_thread(open_keyring, config.gossip, config.db.path)
+            runtime = GossipRuntime(
+                store=self.store,
+                threads=self.threads,
+                config=config.gossip,
+                keyring=keyring,
+                keyring_path=keyring_path,
+                peers_file=peers_path(config.db.path),
+                api_addr=str(self.api_addr),
+                registry=self.metrics.registry,
+            )
+            await runtime.start()
+        except GossipSetupError as e:
+            raise AgentError(str(e)) from None
+        self.gossip = runtime
 
     async def _check_admin_free(self, admin: AdminServer) -> None:
         path = admin.path
@@ -175,6 +229,12 @@ class Agent:
     async def stop(self) -> None:
         """Stop accepting, end open streams, close the subscriptions and the store. Idempotent."""
         loop = asyncio.get_running_loop()
+        if self.gossip is not None:
+            gossip, self.gossip = self.gossip, None
+            try:
+                await gossip.stop()
+            except Exception:
+                log.exception("stopping gossip failed")
         if self.api is not None:
             await self.api.close()
         for runner in (self._api_runner, self._metrics_runner):
@@ -213,7 +273,51 @@ class Agent:
             "db": str(self.config.db.path),
             "site_id": store.site_id.hex() if store else None,
             "version": store.db_version if store else None,
+            "gossip": f"{self.gossip.addr[0]}:{self.gossip.addr[1]}"
+            if self.gossip and self.gossip.addr
+            else None,
         }
+
+    def _runtime(self) -> GossipRuntime:
+        if self.gossip is None:
+            raise RuntimeError("gossip is not running")
+        return self.gossip
+
+    async def _members(self, command: dict[str, Any]) -> dict[str, Any]:
+        return {"members": self._runtime().members_info()}
+
+    async def _rejoin(self, command: dict[str, Any]) -> dict[str, Any]:
+        return {"announced_to": self._runtime().rejoin()}
+
+    async def _status(self, command: dict[str, Any]) -> dict[str, Any]:
+        return await self._runtime().status()
+
+    async def _keys(self, command: dict[str, Any]) -> dict[str, Any]:
+        action = command.get("action", "list")
+        key = command.get("key")
+        if not isinstance(action, str) or (key is not None and not isinstance(key, str)):
+            raise ValueError('keys needs "action" (list, install, use, remove) and a string "key"')
+        return await self._runtime().keys(action, key)
+
+    async def _fault(self, command: dict[str, Any]) -> dict[str, Any]:
+        runtime = self._runtime()
+        action = command.get("action")
+        if action == "heal":
+            runtime.fault_heal()
+            return {"blocked": []}
+        if action == "block":
+            raw = command.get("addrs")
+            if not isinstance(raw, list) or not raw or not all(isinstance(a, str) for a in raw):
+                raise ValueError('fault block needs "addrs", a list of "host:port"')
+            addrs = [parse_peer_addr(a) for a in raw]
+            try:
+                return {"blocked": runtime.fault_block(addrs)}
+            except FaultInjectionDisabled as e:
+                raise RuntimeError(str(e)) from None
+        if action == "status":
+            fault: dict[str, Any] = (await runtime.status())["fault"]
+            return fault
+        raise ValueError("usage: fault block <host:port>... | fault heal | fault status")
 
     async def _reload(self, command: dict[str, Any]) -> dict[str, Any]:
         """Re-read the schema files of ``db.schema_paths`` and apply additive changes live."""

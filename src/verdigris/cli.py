@@ -456,5 +456,172 @@ def reload(config_path: str) -> None:
             click.echo(f"{kind.replace('_', ' ')}: {', '.join(names)}")
 
 
+# ---------------------------------------------------------------------------------------- cluster
+
+
+def _admin(config: Config, command: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
+    """One admin command to the running agent; failures as :class:`Failed`."""
+    try:
+        reply = admin_call(config.admin.path, command, timeout=timeout)
+    except AdminError as e:
+        raise Failed(f"{e} (is the agent running?)" if isinstance(e, AdminUnavailable) else str(e)) from None
+    if not reply.get("ok"):
+        error = str(reply.get("error"))
+        if error.startswith(f"unknown command {command['cmd']!r}"):
+            raise Failed("the agent runs without a [gossip] section: it is not part of a cluster")
+        raise Failed(error)
+    return reply
+
+
+def _config_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "-c", "--config", "config_path", required=True, metavar="FILE", help="The agent's config file."
+    )(f)
+
+
+@main.group(context_settings=CONTEXT_SETTINGS)
+def cluster() -> None:
+    """The cluster as this agent sees it (needs [gossip] in the config).
+
+    \b
+    Examples:
+      verdigris cluster members -c agent.toml          # who is alive, suspect, dead or gone
+      verdigris cluster members -c agent.toml --json
+      verdigris cluster status -c agent.toml           # heads, gaps, queues, drops, sync sessions
+      verdigris cluster rejoin -c agent.toml           # announce again after a network problem
+    """
+
+
+@cluster.command("members", context_settings=CONTEXT_SETTINGS)
+@_config_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def cluster_members(config_path: str, as_json: bool) -> None:
+    """List the members this agent knows, itself first.
+
+    \b
+    Columns: node id (the site id), gossip address, region, state (alive, suspect, dead, left),
+    incarnation, smoothed round trip of direct probes, and how long ago a packet last came from it.
+    Example:
+      verdigris cluster members -c agent.toml
+    """
+    members: list[dict[str, Any]] = _admin(_load(config_path), {"cmd": "members"})["members"]
+    if as_json:
+        click.echo(json.dumps(members, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    styles = {"alive": "green", "suspect": "yellow", "dead": "red", "left": "dim"}
+    table = Table("ID", "ADDR", "REGION", "STATE", "INC", "RTT", "LAST SEEN", highlight=False)
+    for m in members:
+        state = str(m["state"])
+        rtt = "-" if m.get("rtt_ms") is None else f"{m['rtt_ms']:.2f} ms"
+        if m.get("self"):
+            seen, ident = "(self)", f"{m['id']} *"
+        else:
+            seen = "never" if m.get("last_seen_s") is None else _ago(float(m["last_seen_s"]))
+            ident = str(m["id"])
+        table.add_row(
+            ident,
+            str(m["addr"]),
+            str(m.get("region") or "-"),
+            f"[{styles.get(state, '')}]{state}[/]",
+            str(m["incarnation"]),
+            rtt,
+            seen,
+        )
+    console = Console()
+    console.print(table)
+    alive = sum(1 for m in members if m["state"] == "alive")
+    console.print(f"{len(members)} member(s), {alive} alive", style="dim")
+
+
+def _ago(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms ago"
+    if seconds < 120:
+        return f"{seconds:.1f} s ago"
+    return f"{seconds / 60:.0f} min ago"
+
+
+@cluster.command("rejoin", context_settings=CONTEXT_SETTINGS)
+@_config_option
+def cluster_rejoin(config_path: str) -> None:
+    """Announce this agent again to its bootstrap list and every member it knows.
+
+    \b
+    For after a network problem, when the agent should not wait for its own reconnect attempts.
+    Example:
+      verdigris cluster rejoin -c agent.toml
+    """
+    targets: list[str] = _admin(_load(config_path), {"cmd": "rejoin"})["announced_to"]
+    click.echo(f"announced to {len(targets)} address(es): {', '.join(targets) or '-'}")
+
+
+@cluster.command("status", context_settings=CONTEXT_SETTINGS)
+@_config_option
+def cluster_status(config_path: str) -> None:
+    """Print replication state and gossip counters as JSON (heads, gaps, queues, drops, sessions)."""
+    reply = _admin(_load(config_path), {"cmd": "status"})
+    reply.pop("ok", None)
+    click.echo(json.dumps(reply, indent=2))
+
+
+# ---------------------------------------------------------------------------------------- keys
+
+
+@main.group(context_settings=CONTEXT_SETTINGS)
+def keys() -> None:
+    """The gossip encryption keyring of a running agent (rotate with install, use, remove).
+
+    \b
+    Rotation with no downtime, one step at a time on every agent:
+      verdigris keys install -c agent.toml NEWKEY   # accept the new key too
+      verdigris keys use -c agent.toml NEWKEY       # send with it
+      verdigris keys remove -c agent.toml OLDKEY    # stop accepting the old one
+    Changes are saved to the keyring file and take effect at once. Keys are shown by fingerprint.
+    """
+
+
+def _print_keyring(reply: dict[str, Any]) -> None:
+    primary = reply["primary"]
+    for fp in reply["keys"]:
+        click.echo(f"{fp}{'  (primary)' if fp == primary else ''}")
+
+
+@keys.command("list", context_settings=CONTEXT_SETTINGS)
+@_config_option
+def keys_list(config_path: str) -> None:
+    """List the installed keys by fingerprint, the primary (the one used to send) marked."""
+    _print_keyring(_admin(_load(config_path), {"cmd": "keys", "action": "list"}))
+
+
+def _key_command(action: str, doc: str) -> None:
+    @keys.command(action, context_settings=CONTEXT_SETTINGS, help=doc)
+    @_config_option
+    @click.argument("key")
+    def command(config_path: str, key: str) -> None:
+        if key == "-":
+            key = sys.stdin.readline().strip()
+        reply = _admin(_load(config_path), {"cmd": "keys", "action": action, "key": key})
+        click.echo(f"{action}: {'done' if reply.get('changed') else 'nothing to change'}")
+        _print_keyring(reply)
+
+
+_key_command("install", "Install KEY (base64; '-' reads it from stdin): accepted from now on, not yet used.")
+_key_command("use", "Make the installed KEY the primary: every packet is sealed with it from now on.")
+_key_command("remove", "Remove KEY: packets sealed with it are refused from now on. Not the primary.")
+
+
+@keys.command("generate", context_settings=CONTEXT_SETTINGS)
+def keys_generate() -> None:
+    """Print a new random 32-byte key (base64), for gossip.key or `keys install`."""
+    import secrets
+
+    from verdigris.gossip.keyring import generate_key
+
+    click.echo(generate_key(secrets.token_bytes))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

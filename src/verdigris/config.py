@@ -53,13 +53,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Literal, NamedTuple, TypeAlias, cast
 
+from verdigris.gossip.keyring import KeyringError, decode_key
+
 __all__ = [
     "DEFAULT_ADMIN_SOCKET_NAME",
     "DEFAULT_API_ADDR",
     "DEFAULT_GOSSIP_ADDR",
+    "DEFAULT_KEYRING_NAME",
     "DEFAULT_MAX_BODY_BYTES",
     "DEFAULT_MAX_WRITE_BATCH",
     "DEFAULT_SUBSCRIPTION_BATCH_MS",
+    "GOSSIP_PROFILES",
     "LOG_FORMATS",
     "LOG_LEVELS",
     "Addr",
@@ -70,6 +74,7 @@ __all__ = [
     "ConfigError",
     "DbConfig",
     "GossipConfig",
+    "GossipProfile",
     "LogConfig",
     "LogFormat",
     "LogLevel",
@@ -87,8 +92,12 @@ LogLevel: TypeAlias = Literal["debug", "info", "warning", "error"]
 LogFormat: TypeAlias = Literal["plaintext", "json"]
 """Accepted values of ``log.format``."""
 
+GossipProfile: TypeAlias = Literal["lan", "wan"]
+"""Accepted values of ``gossip.profile``."""
+
 LOG_LEVELS: Final[tuple[LogLevel, ...]] = ("debug", "info", "warning", "error")
 LOG_FORMATS: Final[tuple[LogFormat, ...]] = ("plaintext", "json")
+GOSSIP_PROFILES: Final[tuple[GossipProfile, ...]] = ("lan", "wan")
 
 DEFAULT_API_ADDR: Final = "127.0.0.1:8080"
 DEFAULT_GOSSIP_ADDR: Final = "127.0.0.1:8787"
@@ -96,6 +105,9 @@ DEFAULT_MAX_BODY_BYTES: Final = 16 * 1024 * 1024
 """16 MiB: the largest request body the HTTP API accepts by default."""
 DEFAULT_SUBSCRIPTION_BATCH_MS: Final = 5
 DEFAULT_MAX_WRITE_BATCH: Final = 1000
+DEFAULT_KEYRING_NAME: Final = "keyring.json"
+"""The keyring file's name when ``gossip.keyring-path`` is not set; it lives next to the database."""
+MAX_REGION_LEN: Final = 64
 DEFAULT_ADMIN_SOCKET_NAME: Final = "admin.sock"
 """The admin socket's file name when ``admin.path`` is not set; it lives next to the database."""
 
@@ -271,19 +283,40 @@ class ApiConfig:
 
 @dataclass(frozen=True)
 class GossipConfig:
-    """``[gossip]``: cluster membership and replication. Accepted now; takes effect later.
+    """``[gossip]``: cluster membership and replication (:mod:`verdigris.runtime`).
 
     Attributes:
-        addr: where this agent listens for peers (``gossip.addr``).
+        enabled: the file has a ``[gossip]`` section. Only then does the agent join a cluster: an agent
+            configured without one stays a single node and binds no gossip port, so existing single-node
+            setups (and tests running many agents side by side) never collide on the default port.
+        addr: where this agent listens for peers (``gossip.addr``), UDP and TCP on the same port.
+        external_addr: the address peers should use to reach this agent (``gossip.external-addr``);
+            ``None`` means ``addr``, which must then name a concrete host (not ``0.0.0.0``/``[::]``).
         bootstrap: peers to contact on start-up (``gossip.bootstrap``).
-        plaintext: talk to peers without TLS (``gossip.plaintext``).
+        plaintext: talk to peers without encryption (``gossip.plaintext``).
         cluster_id: agents only talk to peers with the same id (``gossip.cluster-id``), 0-65535.
+        key: the initial AES key, base64 (``gossip.key``); used to create the keyring file when there is
+            none yet. Hidden from ``repr`` so it never lands in a log or a traceback.
+        keyring_path: the keyring file (``gossip.keyring-path``), absolute; ``None`` (only from
+            :meth:`Config.for_db`) means ``keyring.json`` beside the database.
+        region: this agent's region, carried in its membership metadata (``gossip.region``).
+        profile: protocol timing (``gossip.profile``): ``"lan"`` (memberlist's LAN defaults) or
+            ``"wan"`` (foca's WAN defaults, as Corrosion uses).
+        fault_injection: accept the admin socket's ``fault`` commands (``gossip.fault-injection``), for
+            partition tests. Off by default: a production agent must never be told to go deaf.
     """
 
     addr: Addr = field(default_factory=lambda: parse_addr(DEFAULT_GOSSIP_ADDR))
     bootstrap: tuple[Addr, ...] = ()
     plaintext: bool = False
     cluster_id: int = 0
+    enabled: bool = False
+    external_addr: Addr | None = None
+    key: str | None = field(default=None, repr=False)
+    keyring_path: Path | None = None
+    region: str = ""
+    profile: GossipProfile = "lan"
+    fault_injection: bool = False
 
 
 @dataclass(frozen=True)
@@ -488,12 +521,32 @@ def _build(document: Mapping[str, object], source: str, base_dir: Path) -> Confi
     max_body_bytes = api.integer("max-body-bytes", DEFAULT_MAX_BODY_BYTES, minimum=1)
     api.finish()
 
+    gossip_enabled = "gossip" in document
     gossip = root.table("gossip")
     gossip_addr = gossip.addr("addr", DEFAULT_GOSSIP_ADDR)
+    external_addr = gossip.optional_addr("external-addr")
     bootstrap = gossip.addr_list("bootstrap")
     plaintext = gossip.boolean("plaintext", False)
     cluster_id = gossip.integer("cluster-id", 0, minimum=0, maximum=_MAX_CLUSTER_ID)
+    gossip_key = gossip.optional_str("key", nonempty=True)
+    keyring_path = gossip.path("keyring-path", base_dir)
+    region = gossip.optional_str("region") or ""
+    profile = gossip.choice("profile", GOSSIP_PROFILES, "lan")
+    fault_injection = gossip.boolean("fault-injection", False)
     gossip.finish()
+    if gossip_key is not None:
+        try:
+            decode_key(gossip_key)
+        except KeyringError as e:
+            report.invalid("gossip.key", str(e))
+            gossip_key = None
+        if plaintext:
+            report.invalid("gossip.key", "a key and plaintext = true exclude each other; choose one")
+    if len(region) > MAX_REGION_LEN or any(c.isspace() for c in region):
+        report.invalid("gossip.region", f"at most {MAX_REGION_LEN} characters and no whitespace")
+        region = ""
+    if external_addr is not None and external_addr.port == 0:
+        report.invalid("gossip.external-addr", "the port must be given (not 0)")
 
     admin = root.table("admin")
     admin_path = admin.path("path", base_dir)
@@ -528,7 +581,17 @@ def _build(document: Mapping[str, object], source: str, base_dir: Path) -> Confi
         admin=AdminConfig(path=admin_path or db_path.parent / DEFAULT_ADMIN_SOCKET_NAME),
         api=ApiConfig(addr=api_addr, authz=AuthzConfig(bearer_token), max_body_bytes=max_body_bytes),
         gossip=GossipConfig(
-            addr=gossip_addr, bootstrap=bootstrap, plaintext=plaintext, cluster_id=cluster_id
+            addr=gossip_addr,
+            bootstrap=bootstrap,
+            plaintext=plaintext,
+            cluster_id=cluster_id,
+            enabled=gossip_enabled,
+            external_addr=external_addr,
+            key=gossip_key,
+            keyring_path=keyring_path or db_path.parent / DEFAULT_KEYRING_NAME,
+            region=region,
+            profile=cast(GossipProfile, profile),
+            fault_injection=fault_injection,
         ),
         telemetry=TelemetryConfig(prometheus=PrometheusConfig(addr=prometheus_addr)),
         log=LogConfig(level=cast(LogLevel, level), format=cast(LogFormat, log_format), colors=colors),

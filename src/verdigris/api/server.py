@@ -258,6 +258,7 @@ class ApiServer:
         metrics: ApiMetrics | None = None,
         *,
         members: Callable[[], int] = lambda: 0,
+        queue_size: Callable[[], int] = lambda: 0,
     ) -> None:
         self.store = store
         self.threads = threads
@@ -265,6 +266,7 @@ class ApiServer:
         self.settings = settings or ApiSettings()
         self.metrics = metrics or ApiMetrics()
         self._members = members
+        self._queue_size = queue_size
         self._closing = asyncio.Event()
         self._streams: set[_EventFeed] = set()
         self._updates = _UpdatesHub(self)
@@ -694,7 +696,7 @@ class ApiServer:
 
         gaps = await self.threads.write(gap_count)
         p99_lag = 0.0
-        queue_size = 0
+        queue_size = self._queue_size()
         healthy = not (
             (max_gaps is not None and gaps > max_gaps)
             or (max_lag is not None and p99_lag > max_lag)
