@@ -119,7 +119,10 @@ def test_kill9_during_write_load_loses_no_acknowledged_transaction(agent: Agent)
             key = f"w{n}-{i}"
             stmts = [
                 ["INSERT INTO kv (k, v, writer) VALUES (?, ?, ?)", [key, i, n]],
-                ["INSERT INTO kv (k, v, writer) VALUES (?, ?, ?) ON CONFLICT DO UPDATE SET v = v + 1", [f"count{n}", 1, n]],
+                [
+                    "INSERT INTO kv (k, v, writer) VALUES (?, ?, ?) ON CONFLICT DO UPDATE SET v = v + 1",
+                    [f"count{n}", 1, n],
+                ],
             ]
             try:
                 resp = post(f"{agent.base}/v1/transactions", stmts, timeout=5)

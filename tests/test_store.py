@@ -352,7 +352,9 @@ def test_table_stats(tmp_path: Path) -> None:
 
 def test_table_valued_functions_work_in_transactions_and_readers(tmp_path: Path) -> None:
     store = Store(tmp_path / "db", schema_sql=SCHEMA)
-    result = store.transact([Statement("INSERT INTO apps (name) SELECT value FROM json_each(?)", ['["a", "b"]'])])
+    result = store.transact(
+        [Statement("INSERT INTO apps (name) SELECT value FROM json_each(?)", ['["a", "b"]'])]
+    )
     assert result.results[0].rows_affected == 2
     reader = store.open_reader()
     assert reader.execute("SELECT count(*) FROM json_each('[1, 2, 3]')").fetchone() == (3,)
