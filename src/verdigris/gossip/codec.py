@@ -65,7 +65,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from typing import Final, Literal, TypeAlias
+from typing import Final, Literal, TypeAlias, get_args
 
 from cryptography.exceptions import InvalidTag
 
@@ -119,17 +119,7 @@ Reason: TypeAlias = Literal[
     "encrypted_refused",
 ]
 
-REASONS: Final[tuple[Reason, ...]] = (
-    "truncated",
-    "bad_version",
-    "wrong_cluster",
-    "auth_failed",
-    "replayed",
-    "stale",
-    "too_large",
-    "plaintext_refused",
-    "encrypted_refused",
-)
+REASONS: Final[tuple[Reason, ...]] = get_args(Reason)
 """Every reason a packet is dropped for, as found in :attr:`DecodeError.reason` and the codec's stats."""
 
 
