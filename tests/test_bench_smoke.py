@@ -171,3 +171,25 @@ def test_sim_propagation_quick() -> None:
         round(serf[0.0]["serf_model_t99_s"], 2) == 1.53 and round(serf[0.1]["serf_model_t999_s"], 2) == 2.05
     )
     assert len(payload["anchors"]) == 4 and isinstance(payload["anchors_met"], bool)
+
+
+def test_cluster_propagation_quick() -> None:
+    """4 real agents on 127.0.0.1: every write reaches every node, and no agent outlives the benchmark."""
+    payload = _last_json(_run([str(BENCH / "cluster_propagation.py"), "--quick"]))
+    assert payload["bench"] == "cluster_propagation"
+    assert payload["quick"] is True
+    (r,) = payload["results"]
+    assert r["nodes"] == 4 and r["writes"] == 150
+    _positive(r, ["achieved_rate", "p50_s", "p90_s", "p99_s", "max_s", "single_p50_s"])
+    assert r["p50_s"] <= r["p90_s"] <= r["p99_s"] <= r["max_s"]
+    assert r["versions_by_broadcast"] + r["versions_by_sync"] == 150 * 3  # each write merged by the 3 others
+    assert isinstance(payload["target_met"], bool)
+    leftovers = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(b"vd-prop-" in a for a in args):
+            leftovers.append(b" ".join(args).decode(errors="replace"))
+    assert not leftovers, leftovers

@@ -348,6 +348,29 @@ def subscribe(
 
 
 @main.command(context_settings=CONTEXT_SETTINGS)
+@click.option(
+    "-c", "--config", "config_path", required=True, metavar="FILE", help="The proxy's config file ([proxy])."
+)
+def proxy(config_path: str) -> None:
+    """Run the edge proxy: worker processes sharing the listening port.
+
+    \b
+    Routes HTTP requests by Host to app instances, from the local agent's state.
+    Runs until SIGINT (Ctrl-C) or SIGTERM, then drains in-flight requests.
+    Example:
+      verdigris proxy -c /etc/verdigris/proxy.toml
+    """
+    from verdigris.proxy.config import ProxyConfigError, load_proxy_config
+    from verdigris.proxy.worker import run_proxy
+
+    try:
+        config = load_proxy_config(config_path)
+    except ProxyConfigError as e:
+        raise BadConfig(str(e)) from None
+    sys.exit(run_proxy(config))
+
+
+@main.command(context_settings=CONTEXT_SETTINGS)
 @click.option("-c", "--config", "config_path", required=True, metavar="FILE", help="The agent's config file.")
 @click.argument("dest", type=click.Path(dir_okay=False))
 def backup(config_path: str, dest: str) -> None:

@@ -1,0 +1,162 @@
+"""The proxy's configuration: the ``[proxy]`` section of a TOML file.
+
+::
+
+    [proxy]
+    listen = "0.0.0.0:8000"          # every worker binds it with SO_REUSEPORT
+    workers = 2
+    agent = "http://127.0.0.1:8080"  # the local agent, whose subscriptions feed the routing table
+    region = "ams"
+
+    [proxy.timeouts]                 # seconds
+    header_read = 10.0
+    idle = 60.0
+    connect = 5.0
+    response = 60.0
+    queue = 5.0
+    drain = 10.0
+
+Validation is strict, as for the agent's file: an unknown key or a value of the wrong type is an error,
+and every problem is reported in one :class:`ProxyConfigError`.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from verdigris.config import Addr, parse_addr
+
+
+class ProxyConfigError(Exception):
+    """The file is missing, not TOML, or does not validate (one problem per line)."""
+
+
+@dataclass(frozen=True)
+class ProxyTimeouts:
+    header_read: float = 10.0
+    """From the first byte of a request to the end of its headers."""
+    idle: float = 60.0
+    """A keep-alive client connection with no request in flight."""
+    connect: float = 5.0
+    """Connecting to an instance."""
+    response: float = 60.0
+    """From the end of the request to the upstream response's headers (and between its body reads)."""
+    queue: float = 5.0
+    """How long a request waits for a slot when every instance is at its hard limit."""
+    drain: float = 10.0
+    """On SIGTERM: how long in-flight requests may take to finish."""
+
+
+@dataclass(frozen=True)
+class ProxyHeaders:
+    """Names of the headers the proxy adds (configurable, as apps expect Fly's)."""
+
+    request_id: str = "fly-request-id"
+    region: str = "fly-region"
+    client_ip: str = "fly-client-ip"
+    error_code: str = "fly-error-code"
+    via: str = "verdigris"
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    listen: Addr = field(default_factory=lambda: parse_addr("127.0.0.1:8000"))
+    workers: int = 2
+    agent: str = "http://127.0.0.1:8080"
+    token: str | None = None
+    region: str = "local"
+    queue_size: int = 1000
+    """Requests waiting for a slot, per worker; beyond it: 503 queue_full."""
+    pool_idle: int = 16
+    """Idle keep-alive connections kept per instance, per worker."""
+    max_header_bytes: int = 64 * 1024
+    timeouts: ProxyTimeouts = field(default_factory=ProxyTimeouts)
+    headers: ProxyHeaders = field(default_factory=ProxyHeaders)
+
+
+_TOP = {"listen", "workers", "agent", "token", "region", "queue_size", "pool_idle", "max_header_bytes"}
+_TIMEOUTS = set(ProxyTimeouts.__dataclass_fields__)
+_HEADERS = set(ProxyHeaders.__dataclass_fields__)
+
+
+def load_proxy_config(path: str | Path) -> ProxyConfig:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise ProxyConfigError(f"config file not found: {p}") from None
+    except OSError as e:
+        raise ProxyConfigError(f"cannot read {p}: {e.strerror}") from None
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ProxyConfigError(f"{p}: not valid TOML: {e}") from None
+    return parse_proxy_config(doc, str(p))
+
+
+def parse_proxy_config(doc: dict[str, Any], where: str = "<config>") -> ProxyConfig:
+    errors: list[str] = []
+    sec = doc.get("proxy")
+    if not isinstance(sec, dict):
+        raise ProxyConfigError(f"{where}: no [proxy] section")
+    kw: dict[str, Any] = {}
+
+    def num(d: dict[str, Any], key: str, dotted: str, *, integer: bool, minimum: float) -> Any:
+        v = d[key]
+        ok = isinstance(v, int) if integer else isinstance(v, int | float)
+        if isinstance(v, bool) or not ok:
+            errors.append(f"{dotted}: expected {'an integer' if integer else 'a number'}, got {v!r}")
+            return None
+        if v < minimum:
+            errors.append(f"{dotted}: must be at least {minimum}, got {v!r}")
+            return None
+        return v if integer else float(v)
+
+    for key, value in sec.items():
+        dotted = f"proxy.{key}"
+        if key == "timeouts" or key == "headers":
+            if not isinstance(value, dict):
+                errors.append(f"{dotted}: expected a table")
+                continue
+            allowed = _TIMEOUTS if key == "timeouts" else _HEADERS
+            sub: dict[str, Any] = {}
+            for k in value:
+                if k not in allowed:
+                    errors.append(f"{dotted}.{k}: unknown key (known: {', '.join(sorted(allowed))})")
+                elif key == "timeouts":
+                    v = num(value, k, f"{dotted}.{k}", integer=False, minimum=0.001)
+                    if v is not None:
+                        sub[k] = v
+                elif not isinstance(value[k], str) or not value[k]:
+                    errors.append(f"{dotted}.{k}: expected a non-empty string")
+                else:
+                    sub[k] = value[k].lower() if k != "via" else value[k]
+            kw[key] = ProxyTimeouts(**sub) if key == "timeouts" else ProxyHeaders(**sub)
+        elif key not in _TOP:
+            errors.append(
+                f"{dotted}: unknown key (known: {', '.join(sorted(_TOP | {'timeouts', 'headers'}))})"
+            )
+        elif key == "listen":
+            try:
+                kw[key] = parse_addr(str(value))
+            except ValueError as e:
+                errors.append(f"{dotted}: {e}")
+        elif key in ("workers", "queue_size", "pool_idle", "max_header_bytes"):
+            v = num(sec, key, dotted, integer=True, minimum=1 if key != "pool_idle" else 0)
+            if v is not None:
+                kw[key] = v
+        elif not isinstance(value, str) or not value:
+            errors.append(f"{dotted}: expected a non-empty string")
+        elif key == "agent" and not value.startswith(("http://", "https://")):
+            errors.append(f"{dotted}: expected an http:// URL, got {value!r}")
+        else:
+            kw[key] = value.rstrip("/") if key == "agent" else value
+    if errors:
+        raise ProxyConfigError("\n".join(f"{where}: {e}" for e in errors))
+    return ProxyConfig(**kw)
+
+
+__all__ = ["ProxyConfig", "ProxyConfigError", "ProxyHeaders", "ProxyTimeouts", "load_proxy_config"]

@@ -1,0 +1,847 @@
+"""The proxy's HTTP server: an asyncio Protocol per client connection, parsing HTTP/1.1 with ``httptools``,
+routing each request with the sans-IO core (:mod:`~verdigris.proxy.balance`,
+:mod:`~verdigris.proxy.replay`) and forwarding it over pooled upstream connections
+(:mod:`~verdigris.proxy.upstream`). One :class:`Worker` per process; :mod:`verdigris.proxy.worker` runs
+several sharing the port (SO_REUSEPORT). See docs/proxy.md, "The server".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import http
+import logging
+import os
+import random
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from typing import Final
+
+import httptools
+
+from verdigris.proxy.balance import (
+    Balancer,
+    Forward,
+    Queue,
+    Route,
+    RouteRequest,
+    Slot,
+    parse_routing_headers,
+)
+from verdigris.proxy.config import ProxyConfig
+from verdigris.proxy.errors import ErrorCode, Reject
+from verdigris.proxy.feed import TableFeed
+from verdigris.proxy.replay import (
+    REPLAY_FAILED_HEADER,
+    REPLAY_HEADER,
+    REPLAY_SRC_HEADER,
+    Deliver,
+    ReadReplayBody,
+    ReplaySession,
+    Responder,
+)
+from verdigris.proxy.table import App, Instance, RoutingTable
+from verdigris.proxy.upstream import UpstreamConn, UpstreamError, UpstreamPool
+
+log = logging.getLogger("verdigris.proxy")
+
+HOP_BY_HOP: Final = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"content-length",
+    }
+)
+"""Headers never passed on as is (framing is re-created for each side)."""
+BODY_BUFFER_HIGH: Final = 256 * 1024
+"""Bytes of a client's request body queued before the socket stops being read (backpressure)."""
+
+
+class ClientGone(Exception):
+    """The client closed the connection or sent something unparsable mid-request."""
+
+
+@dataclass
+class Request:
+    method: bytes
+    url: bytes
+    version: str
+    headers: list[tuple[bytes, bytes]]
+    keep_alive: bool
+    content_length: int | None
+    chunked: bool
+    body_done: bool = False
+    host: str = ""
+    rid: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+
+# ------------------------------------------------------------------------------------------------ client side
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client connection: parses requests into an event queue that :meth:`_serve` consumes in order."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.events: deque[tuple[str, object]] = deque()
+        self._wakeup: asyncio.Future[None] | None = None
+        self._can_write: asyncio.Future[None] | None = None
+        self._queued_body = 0
+        self._paused = False
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._url = b""
+        self._head_bytes = 0
+        self._in_head = False
+        self._timer: asyncio.TimerHandle | None = None
+        self.busy = False
+        self.closed = False
+        self.peer_ip = ""
+        self.local_port = 0
+        self._task: asyncio.Task[None] | None = None
+
+    # ---------------------------------------------------------------------------- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not an asyncio.Transport
+        peer = transport.get_extra_info("peername")
+        local = transport.get_extra_info("sockname")
+        self.peer_ip = str(peer[0]) if peer else ""
+        self.local_port = int(local[1]) if local else 0
+        self.worker.connections.add(self)
+        self._arm(self.worker.config.timeouts.idle, "idle")
+        self._task = asyncio.get_running_loop().create_task(self._serve())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.worker.connections.discard(self)
+        self._disarm()
+        self._push("closed", None)
+        if self._can_write is not None and not self._can_write.done():
+            self._can_write.set_result(None)
+
+    def pause_writing(self) -> None:
+        if self._can_write is None or self._can_write.done():
+            self._can_write = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self._can_write is not None and not self._can_write.done():
+            self._can_write.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_head:
+            self._head_bytes += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._push("error", (501, "upgrade_not_supported", "protocol upgrades are not supported yet"))
+            self._stop_reading()
+        except httptools.HttpParserError as e:
+            self._push("error", (400, "bad_request", f"malformed request: {e}"))
+            self._stop_reading()
+        else:
+            if self._in_head and self._head_bytes > self.worker.config.max_header_bytes:
+                self._push("error", (431, "headers_too_large", "request headers too large"))
+                self._stop_reading()
+
+    # ---------------------------------------------------------------------------- httptools callbacks
+
+    def on_message_begin(self) -> None:
+        self._headers = []
+        self._url = b""
+        self._in_head = True
+        self._head_bytes = 0
+        self._arm(self.worker.config.timeouts.header_read, "header_read")
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._disarm()
+        p = self.parser
+        if p.should_upgrade():
+            self._push("error", (501, "upgrade_not_supported", "protocol upgrades are not supported yet"))
+            self._stop_reading()
+            return
+        length: int | None = None
+        chunked = False
+        for name, value in self._headers:
+            if name == b"content-length":
+                try:
+                    length = int(value)  # llhttp has rejected anything else (and with Transfer-Encoding)
+                except ValueError:
+                    self._push("error", (400, "bad_request", "malformed Content-Length"))
+                    self._stop_reading()
+                    return
+            elif name == b"transfer-encoding":
+                chunked = True
+        req = Request(
+            method=p.get_method(),
+            url=self._url,
+            version=p.get_http_version(),
+            headers=self._headers,
+            keep_alive=p.should_keep_alive(),
+            content_length=length,
+            chunked=chunked,
+        )
+        self._push("request", req)
+
+    def on_body(self, body: bytes) -> None:
+        self._queued_body += len(body)
+        self._push("body", body)
+        if self._queued_body > BODY_BUFFER_HIGH and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def on_message_complete(self) -> None:
+        self._push("end", None)
+
+    # ---------------------------------------------------------------------------- plumbing
+
+    def _stop_reading(self) -> None:
+        if self.transport is not None and not self._paused:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def _arm(self, delay: float, why: str) -> None:
+        self._disarm()
+        self._timer = asyncio.get_running_loop().call_later(delay, self._timed_out, why)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _timed_out(self, why: str) -> None:
+        self._timer = None
+        if why == "header_read" and self.transport is not None and not self.busy:
+            self.transport.write(
+                self.worker.error_bytes(
+                    (408, "header_timeout", "request headers took too long"), "", close=True
+                )
+            )
+        self.worker.stats["timeouts_" + why] = self.worker.stats.get("timeouts_" + why, 0) + 1
+        self.close()
+
+    def _push(self, kind: str, value: object) -> None:
+        self.events.append((kind, value))
+        w = self._wakeup
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def next_event(self) -> tuple[str, object]:
+        while not self.events:
+            self._wakeup = asyncio.get_running_loop().create_future()
+            await self._wakeup
+        kind, value = self.events.popleft()
+        if kind == "body" and isinstance(value, bytes):
+            self._queued_body -= len(value)
+            if self._paused and self._queued_body < BODY_BUFFER_HIGH // 2 and self.transport is not None:
+                self._paused = False
+                self.transport.resume_reading()
+        return kind, value
+
+    async def body(self, req: Request) -> AsyncIterator[bytes]:
+        while not req.body_done:
+            kind, value = await self.next_event()
+            if kind == "body" and isinstance(value, bytes):
+                yield value
+            elif kind == "end":
+                req.body_done = True
+            else:
+                raise ClientGone("the client went away during the request body")
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        if self.closed:
+            raise ClientGone("the client went away")
+        if self._can_write is not None and not self._can_write.done():
+            await self._can_write
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    # ---------------------------------------------------------------------------- request loop
+
+    async def _serve(self) -> None:
+        w = self.worker
+        try:
+            while not self.closed:
+                kind, value = await self.next_event()
+                if kind == "closed":
+                    return
+                if kind == "error" and isinstance(value, tuple):
+                    self.write(w.error_bytes(value, "", close=True))
+                    self.close()
+                    return
+                if kind != "request" or not isinstance(value, Request):
+                    continue
+                req = value
+                self._disarm()  # no idle timer while a request is being handled
+                self.busy = True
+                w.in_flight += 1
+                try:
+                    await w.handle(self, req)
+                finally:
+                    w.in_flight -= 1
+                    self.busy = False
+                    w.request_done()
+                if not req.body_done:
+                    if any(kind == "end" for kind, _ in self.events):
+                        while self.events:  # the rest of an unread body has arrived: skip it
+                            kind, value = self.events.popleft()
+                            if kind == "end":
+                                break
+                            if isinstance(value, bytes):
+                                self._queued_body -= len(value)
+                        req.body_done = True
+                    else:
+                        req.keep_alive = False
+                if not req.keep_alive or w.stopping or self.closed:
+                    self.close()
+                    return
+                self._arm(w.config.timeouts.idle, "idle")
+        except ClientGone:
+            self.close()
+        except Exception:
+            log.exception("connection handler failed")
+            self.abort()
+
+
+# ------------------------------------------------------------------------------------------------ worker
+
+
+class WorkerTable(RoutingTable):
+    """The routing table of one of ``workers`` worker processes: each worker counts only its own
+    in-flight slots, so it enforces its share of an app's limits, ``ceil(limit / workers)``."""
+
+    def __init__(self, workers: int = 1) -> None:
+        super().__init__()
+        self.workers = max(1, workers)
+        self._scaled: dict[str, App] = {}
+        self._scaled_version = -1
+
+    def app(self, name: str) -> App | None:
+        a = super().app(name)
+        if a is None or self.workers == 1:
+            return a
+        if self._scaled_version != self.version:
+            self._scaled.clear()
+            self._scaled_version = self.version
+        scaled = self._scaled.get(name)
+        if scaled is None:
+            n = self.workers
+            scaled = dataclasses.replace(
+                a, soft_limit=-(-a.soft_limit // n), hard_limit=-(-a.hard_limit // n)
+            )
+            self._scaled[name] = scaled
+        return scaled
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return http.HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b"Unknown"
+
+
+class Worker:
+    """The state of one proxy worker process: routing table, balancer, upstream pool, connections."""
+
+    def __init__(self, config: ProxyConfig, table: RoutingTable | None = None) -> None:
+        self.config = config
+        self.table = table if table is not None else WorkerTable(config.workers)
+        self.balancer = Balancer(self.table, config.region, rng=random.Random())
+        self.pool = UpstreamPool(config.pool_idle, config.timeouts.connect)
+        self.connections: set[ClientConnection] = set()
+        self.in_flight = 0
+        self.stopping = False
+        self.waiting = 0
+        self._released: asyncio.Event | None = None
+        self.stats: dict[str, int] = {}
+        h = config.headers
+        self.via = f"1.1 {h.via}".encode()
+        self.internal = frozenset(
+            {
+                h.request_id.encode(),
+                h.region.encode(),
+                h.client_ip.encode(),
+                b"x-forwarded-for",
+                b"x-forwarded-proto",
+                b"x-forwarded-port",
+                REPLAY_SRC_HEADER.encode(),
+                REPLAY_FAILED_HEADER.encode(),
+            }
+        )
+        self._rid_prefix = os.urandom(4).hex()
+        self._rid = 0
+
+    # ---------------------------------------------------------------------------- helpers
+
+    def count(self, key: str) -> None:
+        self.stats[key] = self.stats.get(key, 0) + 1
+
+    def request_done(self) -> None:
+        pass
+
+    def _notify_release(self) -> None:
+        ev = self._released
+        if ev is not None:
+            ev.set()
+            self._released = None
+
+    def release(self, slot: Slot | None) -> None:
+        if slot is not None and slot.release():
+            self._notify_release()
+
+    def error_bytes(self, reject: Reject | tuple[int, str, str], rid: str, *, close: bool = False) -> bytes:
+        """An error answer: the status, the error code in a header, ``code: reason`` as the body."""
+        status, code, reason = (
+            (reject.status, str(reject.code), reject.reason) if isinstance(reject, Reject) else reject
+        )
+        body = f"{code}: {reason}\n".encode("utf-8", "replace")
+        lines = [
+            b"HTTP/1.1 %d %s" % (status, _reason(status)),
+            b"content-type: text/plain; charset=utf-8",
+            b"content-length: %d" % len(body),
+            self.config.headers.error_code.encode() + b": " + code.encode(),
+            b"via: " + self.via,
+        ]
+        if rid:
+            lines.append(self.config.headers.request_id.encode() + b": " + rid.encode())
+        if close:
+            lines.append(b"connection: close")
+        return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+    def _next_rid(self) -> str:
+        self._rid += 1
+        return f"{self._rid_prefix}{self._rid:012x}"
+
+    # ---------------------------------------------------------------------------- routing
+
+    async def decide(
+        self, app: str, route: RouteRequest, *, host: str | None = None, timeout: float | None = None
+    ) -> Route | Forward | Reject:
+        """A decision that is not a Queue: waits (bounded, with a timeout) for a slot when told to queue."""
+        loop = asyncio.get_running_loop()
+        deadline: float | None = None
+        while True:
+            now = loop.time()
+            if host is not None:
+                d = self.balancer.choose_for_host(host, route, now=now)
+            else:
+                d = self.balancer.choose(app, route, now=now)
+            if not isinstance(d, Queue):
+                return d
+            if deadline is None:
+                if self.waiting >= self.config.queue_size:
+                    self.count("queue_full")
+                    return Reject(503, ErrorCode.QUEUE_FULL, f"{d.reason}, and the wait queue is full")
+                deadline = now + (timeout if timeout is not None else self.config.timeouts.queue)
+            remaining = deadline - now
+            if remaining <= 0:
+                self.count("queue_timeout")
+                return Reject(
+                    503,
+                    ErrorCode.QUEUE_TIMEOUT,
+                    f"{d.reason}; no slot freed in {self.config.timeouts.queue:g} s",
+                )
+            if self._released is None:
+                self._released = asyncio.Event()
+            ev = self._released
+            self.waiting += 1
+            try:
+                await asyncio.wait_for(ev.wait(), remaining)
+            except TimeoutError:
+                pass
+            finally:
+                self.waiting -= 1
+
+    # ---------------------------------------------------------------------------- one request
+
+    async def handle(self, client: ClientConnection, req: Request) -> None:
+        rid = self._next_rid()
+        req.rid = rid
+        self.count("requests")
+        hosts = [v for n, v in req.headers if n == b"host"]
+        result: Reject | None = None
+        if not self.table.ready:
+            result = Reject(503, ErrorCode.NOT_READY, "the proxy has not received its routing state yet")
+        elif len(hosts) != 1:
+            result = Reject(400, ErrorCode.BAD_HOST, "the request needs exactly one Host header")
+        if result is None:
+            req.host = hosts[0].decode("latin-1")
+            str_headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in req.headers]
+            route = parse_routing_headers(str_headers)
+            if isinstance(route, Reject):
+                result = route
+            else:
+                result = await self._route_and_forward(client, req, route, str_headers)
+        if result is not None:
+            self.count(f"error_{result.code}")
+            unread = req.has_body and not req.body_done and not any(k == "end" for k, _ in client.events)
+            if unread:
+                req.keep_alive = False  # the rest of the body is not read: the connection closes after this
+            client.write(self.error_bytes(result, rid, close=not req.keep_alive))
+
+    async def _route_and_forward(
+        self, client: ClientConnection, req: Request, route: RouteRequest, str_headers: list[tuple[str, str]]
+    ) -> Reject | None:
+        app_name = self.table.app_for_host(req.host)
+        decision = await self.decide(app_name or "", route, host=req.host)
+        if isinstance(decision, Reject):
+            return decision
+        if isinstance(decision, Forward):
+            return Reject(
+                503,
+                ErrorCode.NO_HEALTHY_INSTANCE,
+                f"{decision.reason}; forwarding to region {decision.region} is not supported yet",
+            )
+        assert app_name is not None
+        session = ReplaySession(
+            app_name,
+            org_of=lambda a: x.org if (x := self.table.app(a)) is not None else None,
+            body_length=req.content_length,
+        )
+        buffer: list[bytes] = []
+        extra_set: tuple[tuple[str, str], ...] = ()
+        extra_delete: tuple[str, ...] = ()
+        path: bytes | None = None
+        first = True
+        route_decision: Route = decision
+        while True:
+            inst, slot = route_decision.instance, route_decision.slot
+            try:
+                sent = await self._exchange(
+                    client, req, inst, first, buffer, session, extra_set, extra_delete, path
+                )
+            except UpstreamError as e:
+                self.release(slot)
+                failure = self._upstream_reject(inst, e)
+                if session.replays == 0:
+                    return failure
+                nxt = session.target_failed(failure, now_us=time.time_ns() // 1000)
+                if isinstance(nxt, Reject):
+                    return nxt
+                replay = nxt
+            except BaseException:  # the client went away, or the worker is stopping: give the slot back
+                self.release(slot)
+                raise
+            else:
+                conn, headers = sent
+                first = False
+                responder = Responder(inst.id, inst.app, inst.region)
+                str_resp = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers]
+                verdict = session.response(str_resp, responder, now_us=time.time_ns() // 1000)
+                if isinstance(verdict, ReadReplayBody):
+                    body = bytearray()
+                    try:
+                        async for chunk in conn.body(self.config.timeouts.response):
+                            body += chunk
+                            if len(body) > verdict.limit:
+                                break
+                    except UpstreamError as e:
+                        self.release(slot)
+                        conn.close()
+                        return self._upstream_reject(inst, e)
+                    verdict = session.replay_body(bytes(body), responder, now_us=time.time_ns() // 1000)
+                if isinstance(verdict, Deliver):
+                    try:
+                        await self._deliver(client, req, conn, headers)
+                    finally:
+                        self.release(slot)
+                    return None
+                # a replay or a refusal: the answer that asked never reaches the client
+                await self._discard(conn)
+                self.release(slot)
+                if isinstance(verdict, Reject):
+                    return verdict
+                replay = verdict
+            # route the replay
+            self.count("replays")
+            extra_set, extra_delete = replay.set_headers, replay.delete_headers
+            path = replay.path.encode() if replay.path is not None else path
+            while True:
+                d = await self.decide(replay.app, replay.route, timeout=replay.timeout)
+                if isinstance(d, Route):
+                    route_decision = d
+                    break
+                failure = (
+                    d
+                    if isinstance(d, Reject)
+                    else Reject(
+                        502,
+                        ErrorCode.NO_HEALTHY_INSTANCE,
+                        f"replay to region {d.region} needs cross-region forwarding, which is not supported yet",
+                    )
+                )
+                nxt = session.target_failed(failure, now_us=time.time_ns() // 1000)
+                if isinstance(nxt, Reject):
+                    return nxt
+                replay = nxt
+                extra_set, extra_delete = replay.set_headers, replay.delete_headers
+
+    def _upstream_reject(self, inst: Instance, e: UpstreamError) -> Reject:
+        now = asyncio.get_running_loop().time()
+        if e.kind in ("refused", "connect_timeout") and self.balancer.outliers.connect_failed(inst.id, now):
+            self.pool.drop_instance(inst.id)
+            self.count("ejections")
+        if e.kind == "refused":
+            return Reject(502, ErrorCode.UPSTREAM_REFUSED, str(e))
+        if e.kind in ("timeout", "connect_timeout"):
+            return Reject(504, ErrorCode.UPSTREAM_TIMEOUT, str(e))
+        return Reject(502, ErrorCode.UPSTREAM_BAD_RESPONSE, str(e))
+
+    def _request_head(
+        self,
+        client: ClientConnection,
+        req: Request,
+        extra_set: Iterable[tuple[str, str]],
+        extra_delete: Iterable[str],
+        path: bytes | None,
+    ) -> bytes:
+        h = self.config.headers
+        drop = set(HOP_BY_HOP) | self.internal
+        for name, value in req.headers:
+            if name == b"connection":
+                drop.update(t.strip().lower() for t in value.split(b","))
+        sets = [(n.lower().encode(), v.encode("latin-1")) for n, v in extra_set]
+        drop.update(n for n, _ in sets)
+        drop.update(n.lower().encode() for n in extra_delete)
+        out = [b"%s %s HTTP/1.1" % (req.method, path if path is not None else req.url)]
+        via = self.via
+        for name, value in req.headers:
+            if name == b"via":
+                via = value + b", " + self.via
+            elif name not in drop:
+                out.append(name + b": " + value)
+        if req.content_length is not None:
+            out.append(b"content-length: %d" % req.content_length)
+        elif req.chunked:
+            out.append(b"transfer-encoding: chunked")
+        ip = client.peer_ip.encode()
+        out += [
+            b"x-forwarded-for: " + ip,
+            b"x-forwarded-proto: http",
+            b"x-forwarded-port: %d" % client.local_port,
+            b"via: " + via,
+            h.request_id.encode() + b": " + req.rid.encode(),
+            h.region.encode() + b": " + self.config.region.encode(),
+            h.client_ip.encode() + b": " + ip,
+        ]
+        out += [n + b": " + v for n, v in sets]
+        return b"\r\n".join(out) + b"\r\n\r\n"
+
+    async def _exchange(
+        self,
+        client: ClientConnection,
+        req: Request,
+        inst: Instance,
+        first: bool,
+        buffer: list[bytes],
+        session: ReplaySession,
+        extra_set: tuple[tuple[str, str], ...],
+        extra_delete: tuple[str, ...],
+        path: bytes | None,
+    ) -> tuple[UpstreamConn, list[tuple[bytes, bytes]]]:
+        """Send the request to ``inst`` and read the response head. The body comes from the client the
+        first time (kept in ``buffer`` while replayable), from ``buffer`` on a replay."""
+        assert inst.host is not None and inst.port is not None
+        head = self._request_head(client, req, extra_set, extra_delete, path)
+        tmo = self.config.timeouts
+        for attempt in (1, 2):
+            conn = await self.pool.acquire(inst.id, inst.host, inst.port)
+            conn.start_exchange()
+            try:
+                conn.writer.write(head)
+                if req.has_body:
+                    if first and attempt == 1:
+                        async for chunk in client.body(req):
+                            if session.body_received(len(chunk)):
+                                buffer.append(chunk)
+                            else:
+                                buffer.clear()  # too large to replay: the session refuses replays
+                            await self._send_chunk(conn, req, chunk)
+                    elif session.body_replayable:
+                        for chunk in buffer:
+                            await self._send_chunk(conn, req, chunk)
+                    else:
+                        raise UpstreamError(
+                            "bad_response", "the request body cannot be sent again", sent=True
+                        )
+                    if req.chunked:
+                        conn.writer.write(b"0\r\n\r\n")
+                elif first:
+                    req.body_done = req.body_done or self._pop_end(client)
+                await conn.writer.drain()
+                headers = await conn.read_head(tmo.response)
+            except (ConnectionError, OSError) as e:
+                conn.close()
+                err = UpstreamError("bad_response", f"instance {inst.id}: {e}", sent=not conn.reused)
+                if conn.reused and attempt == 1 and (not req.has_body or not first):
+                    continue
+                raise err from None
+            except UpstreamError as e:
+                conn.close()
+                if not e.sent and conn.reused and attempt == 1 and (not req.has_body or not first):
+                    continue  # a stale keep-alive connection: once more on a fresh one
+                raise
+            except ClientGone:
+                conn.close()
+                raise
+            now = asyncio.get_running_loop().time()
+            if self.balancer.outliers.response(inst.id, conn.status, now):
+                self.pool.drop_instance(inst.id)
+                self.count("ejections")
+            return conn, headers
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _pop_end(client: ClientConnection) -> bool:
+        if client.events and client.events[0][0] == "end":
+            client.events.popleft()
+            return True
+        return False
+
+    @staticmethod
+    async def _send_chunk(conn: UpstreamConn, req: Request, chunk: bytes) -> None:
+        if req.chunked:
+            conn.writer.write(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+        else:
+            conn.writer.write(chunk)
+        await conn.writer.drain()
+
+    async def _discard(self, conn: UpstreamConn) -> None:
+        try:
+            n = 0
+            async for chunk in conn.body(self.config.timeouts.response):
+                n += len(chunk)
+                if n > 1024 * 1024:
+                    conn.close()
+                    return
+            self.pool.release(conn)
+        except UpstreamError:
+            conn.close()
+
+    async def _deliver(
+        self, client: ClientConnection, req: Request, conn: UpstreamConn, headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        status = conn.status
+        head_only = req.method == b"HEAD"
+        no_body = head_only or status in (204, 304) or 100 <= status < 200
+        length: bytes | None = None
+        drop = set(HOP_BY_HOP)
+        drop.add(REPLAY_HEADER.encode())
+        for name, value in headers:
+            if name.lower() == b"content-length":
+                length = value.strip()
+            elif name.lower() == b"connection":
+                drop.update(t.strip().lower() for t in value.split(b","))
+        http11 = req.version == "1.1"
+        out = [b"HTTP/1.1 %d %s" % (status, _reason(status))]
+        via = self.via
+        for name, value in headers:
+            low = name.lower()
+            if low == b"via":
+                via = value + b", " + self.via
+            elif low not in drop:
+                out.append(name + b": " + value)
+        chunked = False
+        if length is not None:
+            out.append(b"content-length: " + length)
+        elif not no_body:
+            if http11:
+                chunked = True
+                out.append(b"transfer-encoding: chunked")
+            else:
+                req.keep_alive = False
+        out.append(b"via: " + via)
+        out.append(self.config.headers.request_id.encode() + b": " + req.rid.encode())
+        if not req.keep_alive or self.stopping:
+            out.append(b"connection: close")
+        client.write(b"\r\n".join(out) + b"\r\n\r\n")
+        try:
+            async for chunk in conn.body(self.config.timeouts.response, head_only=head_only):
+                if not chunk:
+                    continue
+                client.write(b"%x\r\n" % len(chunk) + chunk + b"\r\n" if chunked else chunk)
+                await client.drain()
+        except UpstreamError as e:
+            conn.close()
+            log.warning("request %s: %s", req.rid, e)
+            self.count("upstream_broken_mid_response")
+            client.abort()
+            raise ClientGone(str(e)) from None
+        except ClientGone:
+            conn.close()
+            raise
+        if chunked:
+            client.write(b"0\r\n\r\n")
+        self.pool.release(conn)
+
+    # ---------------------------------------------------------------------------- lifecycle
+
+    def begin_stop(self) -> None:
+        """Stop taking requests: idle keep-alive connections are closed now, busy ones after their
+        current response."""
+        self.stopping = True
+        for c in list(self.connections):
+            if not c.busy:
+                c.close()
+
+
+async def serve(config: ProxyConfig, *, stop: asyncio.Event) -> int:
+    """Run one worker until ``stop`` is set, then drain for at most ``timeouts.drain`` seconds."""
+    loop = asyncio.get_running_loop()
+    worker = Worker(config)
+    feed = TableFeed(worker.table, config.agent, config.token)
+    feed.start()
+    host, port = config.listen
+    try:
+        server = await loop.create_server(
+            lambda: ClientConnection(worker), host, port, reuse_port=True, backlog=1024
+        )
+    except OSError as e:
+        log.error("cannot listen on %s: %s", config.listen, e.strerror or e)
+        await feed.close()
+        return 1
+    await stop.wait()
+    server.close()
+    worker.begin_stop()
+    deadline = loop.time() + config.timeouts.drain
+    while worker.in_flight and loop.time() < deadline:
+        await asyncio.sleep(0.02)
+    for c in list(worker.connections):
+        c.abort() if c.busy else c.close()
+    worker.pool.close()
+    await feed.close()
+    await asyncio.sleep(0)
+    return 0
+
+
+__all__ = ["ClientConnection", "Request", "Worker", "WorkerTable", "serve"]

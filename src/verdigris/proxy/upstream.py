@@ -1,0 +1,195 @@
+"""Connections to instances: a bounded pool of idle keep-alive connections per instance, and the reading
+of one HTTP/1.1 response with ``httptools`` (head first, then the body as it arrives)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import AsyncIterator
+
+import httptools
+
+
+class UpstreamError(Exception):
+    """The instance broke the exchange: ``kind`` is ``refused``, ``timeout`` or ``bad_response``."""
+
+    def __init__(self, kind: str, message: str, *, sent: bool = True) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.sent = sent
+        """False when nothing of the request may have reached the instance (safe to retry)."""
+
+
+class UpstreamConn:
+    """One connection to an instance, with a response parser per exchange."""
+
+    __slots__ = (
+        "_body",
+        "_done",
+        "_head_done",
+        "_headers",
+        "_parser",
+        "_until_close",
+        "instance_id",
+        "keep_alive",
+        "reader",
+        "reused",
+        "status",
+        "writer",
+    )
+
+    def __init__(self, instance_id: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.instance_id = instance_id
+        self.reader = reader
+        self.writer = writer
+        self.reused = False
+        self.keep_alive = False
+        self.status = 0
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._body: list[bytes] = []
+        self._head_done = False
+        self._done = False
+        self._until_close = False
+        self._parser = httptools.HttpResponseParser(self)
+
+    # httptools callbacks
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self._head_done = True
+        self.status = self._parser.get_status_code()
+        self._until_close = not any(
+            n.lower() in (b"content-length", b"transfer-encoding") for n, _ in self._headers
+        )
+
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        self._done = True
+        self.keep_alive = self._parser.should_keep_alive()
+
+    @property
+    def usable(self) -> bool:
+        return not self.writer.is_closing() and not self.reader.at_eof()
+
+    def start_exchange(self) -> None:
+        self._parser = httptools.HttpResponseParser(self)
+        self._headers, self._body = [], []
+        self._head_done = self._done = self._until_close = False
+        self.status = 0
+        self.keep_alive = False
+
+    async def _feed(self, timeout: float) -> bool:
+        try:
+            data = await asyncio.wait_for(self.reader.read(65536), timeout)
+        except TimeoutError:
+            raise UpstreamError("timeout", f"instance {self.instance_id} did not answer in time") from None
+        except OSError as e:
+            raise UpstreamError("bad_response", f"instance {self.instance_id}: {e}") from None
+        if not data:
+            if self._head_done and not self._done and self._until_close:
+                self._done = True  # EOF ends a close-delimited body
+                self.keep_alive = False
+            return False
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as e:
+            raise UpstreamError(
+                "bad_response", f"instance {self.instance_id} sent invalid HTTP: {e}"
+            ) from None
+        return True
+
+    async def read_head(self, timeout: float) -> list[tuple[bytes, bytes]]:
+        got_any = False
+        while not self._head_done:
+            if not await self._feed(timeout):
+                raise UpstreamError(
+                    "bad_response",
+                    f"instance {self.instance_id} closed the connection before answering",
+                    sent=got_any or not self.reused,
+                )
+            got_any = True
+        return self._headers
+
+    async def body(self, timeout: float, *, head_only: bool = False) -> AsyncIterator[bytes]:
+        """The response body as it arrives; the exchange is complete when the iterator ends."""
+        if head_only or self.status in (204, 304) or 100 <= self.status < 200:
+            self.keep_alive = self.keep_alive and self._done
+            self._done = True
+            return
+        while True:
+            if self._body:
+                chunks, self._body = self._body, []
+                for c in chunks:
+                    yield c
+            if self._done:
+                return
+            if not await self._feed(timeout):
+                if self._body:
+                    continue
+                if not self._done:
+                    raise UpstreamError("bad_response", f"instance {self.instance_id} closed mid-response")
+
+    def close(self) -> None:
+        if not self.writer.is_closing():
+            self.writer.close()
+
+
+class UpstreamPool:
+    """Idle keep-alive connections per instance, at most ``max_idle`` each (the oldest closed first)."""
+
+    def __init__(self, max_idle: int, connect_timeout: float) -> None:
+        self.max_idle = max_idle
+        self.connect_timeout = connect_timeout
+        self._idle: dict[str, deque[UpstreamConn]] = {}
+        self.connects = 0
+        self.reuses = 0
+
+    async def acquire(self, instance_id: str, host: str, port: int) -> UpstreamConn:
+        idle = self._idle.get(instance_id)
+        while idle:
+            conn = idle.pop()
+            if conn.usable:
+                conn.reused = True
+                self.reuses += 1
+                return conn
+            conn.close()
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(host, port, limit=65536), self.connect_timeout
+            )
+        except TimeoutError:
+            raise UpstreamError(
+                "connect_timeout", f"connecting to instance {instance_id} timed out", sent=False
+            ) from None
+        except OSError as e:
+            raise UpstreamError(
+                "refused", f"instance {instance_id} refused the connection: {e.strerror or e}", sent=False
+            ) from None
+        self.connects += 1
+        return UpstreamConn(instance_id, reader, writer)
+
+    def release(self, conn: UpstreamConn) -> None:
+        """Keep ``conn`` for reuse if its exchange ended cleanly with keep-alive, else close it."""
+        if not (conn.keep_alive and conn._done and conn.usable and self.max_idle > 0):
+            conn.close()
+            return
+        idle = self._idle.setdefault(conn.instance_id, deque())
+        idle.append(conn)
+        while len(idle) > self.max_idle:
+            idle.popleft().close()
+
+    def drop_instance(self, instance_id: str) -> None:
+        for conn in self._idle.pop(instance_id, ()):
+            conn.close()
+
+    def close(self) -> None:
+        for idle in self._idle.values():
+            for conn in idle:
+                conn.close()
+        self._idle.clear()
+
+
+__all__ = ["UpstreamConn", "UpstreamError", "UpstreamPool"]
