@@ -317,7 +317,7 @@ def test_queue_entry_bound_drops_oldest_when_counts_are_equal() -> None:
 
 
 def test_queue_drops_most_transmitted_first() -> None:
-    bc = make(max_queue_entries=4, max_payload=160, fanout=1)
+    bc = make(max_queue_entries=4, max_payload=160, fanout=1, max_datagrams_per_target=1)
     for v in (1, 2):
         bc.local_commit(piece(1, v, size=70), 0.0)  # one per datagram
     # One datagram to one member per tick: v1 then v2 get one transmission each; v1 a second one.

@@ -126,6 +126,8 @@ class BroadcastConfig:
     """Seconds between ticks (memberlist GossipInterval, LAN)."""
     fanout: int = 3
     """Members sent to per tick (memberlist GossipNodes)."""
+    max_datagrams_per_target: int = 8
+    """Datagrams each of those members may get in one tick while pieces wait (bounded by the rate limit)."""
     retransmit_mult: int = 4
     """Transmissions per piece = retransmit_mult * ceil(log10(N + 1))."""
     max_payload: int = 1100
@@ -138,8 +140,15 @@ class BroadcastConfig:
     """Token bucket capacity: bytes that may go out at once after a quiet spell."""
 
     def __post_init__(self) -> None:
-        if self.interval <= 0 or self.fanout < 1 or self.retransmit_mult < 1:
-            raise ValueError("BroadcastConfig: interval > 0, fanout >= 1, retransmit_mult >= 1")
+        if (
+            self.interval <= 0
+            or self.fanout < 1
+            or self.retransmit_mult < 1
+            or self.max_datagrams_per_target < 1
+        ):
+            raise ValueError(
+                "BroadcastConfig: interval > 0, fanout >= 1, retransmit_mult >= 1, max_datagrams_per_target >= 1"
+            )
         if not 128 <= self.max_payload <= 65_507:
             raise ValueError("BroadcastConfig: 128 <= max_payload <= 65507")
         if self.max_queue_entries < 1 or self.max_queue_bytes < self.max_payload:
@@ -339,24 +348,27 @@ class Broadcaster:
         out: list[tuple[bytes, Addr]] = []
         for member in targets:
             addr = member.addr
-            taken = self._fill(addr, everyone)
-            if not taken:
-                continue
-            payload = encode_broadcast([p.data for p in taken])
-            if len(payload) > self._tokens:
-                self.stats.rate_limited += 1
-                break
-            self._tokens -= len(payload)
-            out.append((payload, addr))
-            self.stats.sent_payloads += 1
-            self.stats.sent_bytes += len(payload)
-            self.stats.transmissions += len(taken)
-            for piece in taken:
-                piece.sent_to.add(addr)
-                if everyone <= piece.sent_to:
-                    self._move(piece, limit, limit)  # every live member has it: retire early
-                else:
-                    self._move(piece, piece.transmits + 1, limit)
+            # Several datagrams per target while a backlog remains: one datagram per target and tick
+            # capped the whole cluster near a dozen writes/s (measured with 32 agents).
+            for _ in range(cfg.max_datagrams_per_target):
+                taken = self._fill(addr, everyone)
+                if not taken:
+                    break
+                payload = encode_broadcast([p.data for p in taken])
+                if len(payload) > self._tokens:
+                    self.stats.rate_limited += 1
+                    return out
+                self._tokens -= len(payload)
+                out.append((payload, addr))
+                self.stats.sent_payloads += 1
+                self.stats.sent_bytes += len(payload)
+                self.stats.transmissions += len(taken)
+                for piece in taken:
+                    piece.sent_to.add(addr)
+                    if everyone <= piece.sent_to:
+                        self._move(piece, limit, limit)  # every live member has it: retire early
+                    else:
+                        self._move(piece, piece.transmits + 1, limit)
         return out
 
     # ------------------------------------------------------------------------------------------- internals

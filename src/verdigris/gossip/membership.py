@@ -1159,7 +1159,9 @@ class Membership:
         q.put(key, payload)
         self.stats.broadcasts_dropped += q.dropped - before
         if self._next_gossip_at is None and self._phase is not _Phase.IDLE:
-            self._next_gossip_at = self._now + self.timing.gossip_interval
+            # News goes out at once when nothing was pending (later rounds keep the interval): waiting a
+            # full interval at every hop made detection spread slower than memberlist's.
+            self._next_gossip_at = self._now
 
     def _gossip_tick(self, now: float) -> None:
         if self._queue:
