@@ -129,6 +129,23 @@ def _die_with_parent() -> None:
         _prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
 
 
+def log_tail(log: Path, lines: int = 20) -> str:
+    """The last lines of a process log, for error messages."""
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def log_matches(log: Path, pattern: str) -> list[str]:
+    """Every match of ``pattern``'s group in a process log, in order (none when it cannot be read)."""
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return []
+    return re.findall(pattern, text)
+
+
 class Procs:
     """Every child process of the benchmark; :meth:`kill_all` ends them (SIGKILL) and reaps them."""
 
@@ -470,18 +487,11 @@ class VerdigrisNode:
         self.admin.close()
 
     def tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+        return log_tail(self.log, lines)
 
     def members_down_logged(self) -> list[str]:
         """Gossip addresses this agent logged as ``member down`` (declared dead), in order."""
-        try:
-            text = self.log.read_text(errors="replace")
-        except OSError:
-            return []
-        return re.findall(r"member down: \S+ at (\S+)", text)
+        return log_matches(self.log, r"member down: \S+ at (\S+)")
 
 
 class VerdigrisCluster:
@@ -934,18 +944,11 @@ class SerfNode:
         return self.rpc
 
     def tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+        return log_tail(self.log, lines)
 
     def failed_logged(self) -> list[str]:
         """Names this agent logged as failed (``EventMemberFailed``), in order."""
-        try:
-            text = self.log.read_text(errors="replace")
-        except OSError:
-            return []
-        return re.findall(r"EventMemberFailed: (\S+)", text)
+        return log_matches(self.log, r"EventMemberFailed: (\S+)")
 
 
 class SerfCluster:
