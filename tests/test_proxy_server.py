@@ -29,6 +29,9 @@ from verdigris.config import load_config
 VERDIGRIS = str(Path(sys.executable).with_name("verdigris"))
 PLATFORM_SQL = (Path(__file__).parent.parent / "schemas" / "platform.sql").read_text()
 
+UPSTREAM_NAME = web.AppKey("upstream_name", str)
+"""Which test upstream answered (each tiny upstream server is named)."""
+
 
 # ---------------------------------------------------------------------------------------- processes
 
@@ -133,7 +136,7 @@ class Proxy:
 
 
 async def _echo(request: web.Request) -> web.StreamResponse:
-    name = request.app["name"]
+    name = request.app[UPSTREAM_NAME]
     if "s" in request.query:
         await asyncio.sleep(float(request.query["s"]))
     if request.query.get("replay_from") == name and "fly-replay-src" not in request.headers:
@@ -200,7 +203,7 @@ class Upstreams:
         self.garbage = await asyncio.start_server(garbage, "127.0.0.1", self.garbage_port)
         for name, port in self.ports.items():
             app = web.Application(client_max_size=64 * 1024 * 1024)
-            app["name"] = name
+            app[UPSTREAM_NAME] = name
             app.router.add_route("*", "/{tail:.*}", _echo)
             runner = web.AppRunner(app, keepalive_timeout=0.2 if name == "D" else 75.0)
             await runner.setup()
