@@ -584,7 +584,8 @@ class Store:
                 self._user_sql = False
                 if conn.in_transaction:
                     conn.execute(f"{self._tag} ROLLBACK")
-                self._reload_books_for(self.site_id)
+                # After a rollback the in-memory books may be ahead of the database; re-read them.
+                self._load_books()
                 raise
             if version is not None:
                 self._notify(CommitNotice(tables=touched, local_version=version))
@@ -653,10 +654,6 @@ class Store:
             seqs, prev_last = books.partials.get(version, (RangeSet(), last))
             seqs.add(s, e)
             books.partials[version] = (seqs, min(prev_last, last))
-
-    def _reload_books_for(self, actor: bytes) -> None:
-        # After a rollback the in-memory books may be ahead of the database; re-read them.
-        self._load_books()
 
     def _book_complete(self, actor: bytes, version: int) -> None:
         books = self._books.setdefault(actor, ActorBooks())
