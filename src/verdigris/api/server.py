@@ -555,30 +555,36 @@ class ApiServer:
             except GapError as e:
                 await stream.try_write(wire.encode_event(wire.Error(str(e))))
             except _SlowClient:
-                self.metrics.slow_clients.labels("subscriptions").inc()
-                await stream.try_write(
-                    wire.encode_event(
-                        wire.Error(
-                            f"subscriber too slow: more than {self.settings.client_queue_events} events "
-                            f"pending; resume with GET /v1/subscriptions/{sub.id}?from=<last change id>"
-                        )
-                    )
+                await self._too_slow(
+                    stream,
+                    "subscriptions",
+                    f"subscriber too slow: more than {self.settings.client_queue_events} events "
+                    f"pending; resume with GET /v1/subscriptions/{sub.id}?from=<last change id>",
                 )
             except (SubscriptionError, StoreError, sqlite3.Error) as e:
                 await stream.try_write(wire.encode_event(wire.Error(str(e))))
             await stream.finish()
             return stream.response
         except ConnectionError as e:
-            if isinstance(e, _ClientGone) and e.slow:
-                self.metrics.slow_clients.labels("subscriptions").inc()
-            if stream is not None:
-                return stream.response
-            raise
+            return self._client_gone(e, stream, "subscriptions")
         finally:
             feed.closed = True
             sub.remove_listener(listener)
             self._streams.discard(feed)
             gauge.dec()
+
+    async def _too_slow(self, stream: _Stream, endpoint: str, message: str) -> None:
+        """A client fell too far behind its bounded queue: count it and tell it why it is cut off."""
+        self.metrics.slow_clients.labels(endpoint).inc()
+        await stream.try_write(wire.encode_event(wire.Error(message)))
+
+    def _client_gone(self, e: ConnectionError, stream: _Stream | None, endpoint: str) -> web.StreamResponse:
+        """The client went away mid-stream: end the response quietly (re-raise before it started)."""
+        if isinstance(e, _ClientGone) and e.slow:
+            self.metrics.slow_clients.labels(endpoint).inc()
+        if stream is None:
+            raise e
+        return stream.response
 
     async def _send_rows(self, stream: _Stream, rows: Sequence[tuple[int, Sequence[SqlValue]]]) -> None:
         buf = bytearray()
@@ -652,22 +658,15 @@ class ApiServer:
                     if any(isinstance(e, wire.Error) for e in events):
                         break
             except _SlowClient:
-                self.metrics.slow_clients.labels("updates").inc()
-                await stream.try_write(
-                    wire.encode_event(
-                        wire.Error(
-                            f"client too slow: more than {self.settings.client_queue_events} updates pending"
-                        )
-                    )
+                await self._too_slow(
+                    stream,
+                    "updates",
+                    f"client too slow: more than {self.settings.client_queue_events} updates pending",
                 )
             await stream.finish()
             return stream.response
         except ConnectionError as e:
-            if isinstance(e, _ClientGone) and e.slow:
-                self.metrics.slow_clients.labels("updates").inc()
-            if stream is not None:
-                return stream.response
-            raise
+            return self._client_gone(e, stream, "updates")
         finally:
             feed.closed = True
             self._updates.unwatch(table, feed)
