@@ -5,9 +5,11 @@
 -- concurrently); every NOT NULL column has a DEFAULT (a row may be created by a single column's change).
 -- Changes must stay additive: add tables, nullable or defaulted columns, indexes; never drop or retype.
 --
--- Scope (ARCHITECTURE.md, "State lives at two levels"):
---   global   apps, hostnames, app_regions   coarse, change rarely, replicated fleet-wide
---   region   machines, services, checks     fine-grained, change often, never leave the region
+-- Scopes (ARCHITECTURE.md, "State lives at two levels"; docs/store.md, "Scopes"): a table is declared
+-- global by a `-- scope: global` comment line directly above its CREATE TABLE; without one it is regional.
+--   global     apps, hostnames, app_regions   coarse, change rarely, replicated among all nodes
+--   regional   machines, services, checks     fine-grained, change often, never leave the region
+-- A table's scope cannot change once the table exists.
 -- The proxy subscribes to one query per table (verdigris.proxy.table.QUERIES) and joins in memory.
 --
 -- Values the proxy relies on (anything else is treated as described in docs/proxy.md):
@@ -19,6 +21,7 @@
 -- definitions for the shared columns), so a database created from example.sql upgrades additively.
 
 -- An application: the unit a hostname routes to. Limits are per instance, in units of `concurrency`.
+-- scope: global
 CREATE TABLE apps (
     name        TEXT PRIMARY KEY,
     org         TEXT NOT NULL DEFAULT '',
@@ -32,6 +35,7 @@ CREATE TABLE apps (
 -- Host name -> app. `hostname` is lower case without a port or trailing dot; a wildcard is written
 -- '*.example.com' and matches any name ending in '.example.com' (at any depth, not the bare
 -- 'example.com'); an exact name beats every wildcard and a longer wildcard beats a shorter one.
+-- scope: global
 CREATE TABLE hostnames (
     hostname   TEXT PRIMARY KEY,
     app        TEXT NOT NULL DEFAULT '',
@@ -42,6 +46,7 @@ CREATE INDEX hostnames_app ON hostnames (app);
 
 -- Global summary: the regions an app has instances in, which is all a proxy elsewhere needs to
 -- forward a request for it (coarse: written when an app gains or loses its last instance in a region).
+-- scope: global
 CREATE TABLE app_regions (
     app        TEXT NOT NULL DEFAULT '',
     region     TEXT NOT NULL DEFAULT '',
@@ -51,6 +56,7 @@ CREATE TABLE app_regions (
 
 -- An instance (a Fly "machine") of an app. `address` is 'host:port' (IPv6 as '[::1]:8080') where the
 -- proxy connects for HTTP; `node` is the server it runs on.
+-- scope: regional
 CREATE TABLE machines (
     id         TEXT PRIMARY KEY,
     app        TEXT NOT NULL DEFAULT '',
@@ -67,6 +73,7 @@ CREATE INDEX machines_app ON machines (app);
 -- The ports an app serves on the edge: a public `port` (80, 443, ...) handled as `handlers`
 -- ('http', 'tls,http', or '' for raw TCP) and sent to `internal_port` on the instance (0: the port of
 -- machines.address).
+-- scope: regional
 CREATE TABLE services (
     app           TEXT NOT NULL DEFAULT '',
     port          INTEGER NOT NULL DEFAULT 0,
@@ -80,6 +87,7 @@ CREATE TABLE services (
 
 -- Health checks run by the machines agent, one row per (instance, check). An instance is healthy when
 -- it is started and every one of its checks is 'passing' (no checks: healthy once started).
+-- scope: regional
 CREATE TABLE checks (
     machine    TEXT NOT NULL DEFAULT '',
     name       TEXT NOT NULL DEFAULT '',

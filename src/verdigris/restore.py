@@ -13,6 +13,11 @@ issue those version numbers again for different changes, and peers that already 
 the new ones. :func:`restore_database` refuses that case and explains; ``new_site_id=True`` restores
 under a fresh identity instead (the old actor's versions stay, as any other actor's).
 
+The same holds for the node's second actor, the one of its global tables (``__vd_actors``, own = 1,
+scope ``global``; docs/store.md, "Scopes"): the restored node keeps the one of the database it replaces,
+under the same check, and gets a fresh one (made when the store opens) with ``new_site_id=True`` or when
+the database it replaces had none.
+
 The file is replaced atomically (written beside the database, then renamed) after removing the old
 ``-wal`` and ``-shm`` files, which belong to the old file and must never be applied to the new one. The
 subscriptions' state (change ids of the old contents) is removed too; clients resubscribe.
@@ -30,6 +35,8 @@ from verdigris.store.schema import INTERNAL_PREFIX
 
 SITE_TABLE = f"{INTERNAL_PREFIX}site"
 BOOKS_TABLE = f"{INTERNAL_PREFIX}bookkeeping"
+ACTORS_TABLE = f"{INTERNAL_PREFIX}actors"
+_OWN_GLOBAL = f"SELECT actor FROM {ACTORS_TABLE} WHERE own = 1 AND scope = 'global'"
 
 
 class RestoreError(Exception):
@@ -45,8 +52,9 @@ class RestoreResult:
     """Files and directories removed besides the replaced database."""
 
 
-def _read_identity(path: Path, what: str) -> tuple[bytes, dict[bytes, int]]:
-    """The site id stored in a Verdigris database, and the highest version known per actor."""
+def _read_identity(path: Path, what: str) -> tuple[bytes, bytes | None, dict[bytes, int]]:
+    """The site id stored in a Verdigris database, its global actor (None in a database from before
+    scopes), and the highest version known per actor."""
     try:
         conn = sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True)
     except sqlite3.Error as e:
@@ -67,9 +75,32 @@ def _read_identity(path: Path, what: str) -> tuple[bytes, dict[bytes, int]]:
             raise RestoreError(f"{what} {path} is not a Verdigris database (no {SITE_TABLE} table)") from None
         if row is None:
             raise RestoreError(f"{what} {path} has no site id")
-        return bytes(row[0]), {bytes(a): int(v) for a, v in books}
+        try:
+            grow = conn.execute(_OWN_GLOBAL).fetchone()
+        except sqlite3.OperationalError:
+            grow = None
+        global_actor = None if grow is None else bytes(grow[0])
+        return bytes(row[0]), global_actor, {bytes(a): int(v) for a, v in books}
     finally:
         conn.close()
+
+
+def _set_global_actor(conn: sqlite3.Connection, actor: bytes | None) -> None:
+    """Make ``actor`` the restored node's global actor; None: the store makes a fresh one when it opens.
+    The backup's own global actor becomes an actor like any other."""
+    try:
+        conn.execute(
+            f"UPDATE {ACTORS_TABLE} SET own = 0 WHERE own = 1 AND scope = 'global' AND actor IS NOT ?",
+            (actor,),
+        )
+    except sqlite3.OperationalError:
+        return  # a backup from before scopes: the store records its actors when it opens
+    if actor is not None:
+        conn.execute(
+            f"INSERT INTO {ACTORS_TABLE} (actor, scope, own) VALUES (?, 'global', 1) "
+            "ON CONFLICT (actor) DO UPDATE SET scope = 'global', own = 1",
+            (actor,),
+        )
 
 
 def restore_database(
@@ -84,24 +115,29 @@ def restore_database(
         raise RestoreError(f"no backup file at {backup}")
     if db_path.exists() and backup.resolve() == db_path.resolve():
         raise RestoreError("the backup is the database itself")
-    backup_site, backup_books = _read_identity(backup, "backup")
+    backup_site, backup_global, backup_books = _read_identity(backup, "backup")
     if db_path.exists():
-        current_site, current_books = _read_identity(db_path, "database")
+        current_site, current_global, current_books = _read_identity(db_path, "database")
     else:
-        current_site, current_books = backup_site, {}
+        current_site, current_global, current_books = backup_site, backup_global, {}
 
+    global_actor: bytes | None = None
     if new_site_id:
         site = os.urandom(16)
     else:
         site = current_site
-        ours = current_books.get(site, 0)
-        theirs = backup_books.get(site, 0)
-        if ours > theirs:
-            raise RestoreError(
-                f"this node has written versions the backup lacks (its own version {ours}, the backup has "
-                f"{theirs}); keeping its site id would reuse version numbers its peers already have. "
-                "Restore with --new-site-id to give the node a fresh identity instead"
-            )
+        global_actor = current_global
+        for actor, which in ((site, "site id"), (global_actor, "global actor id")):
+            if actor is None:
+                continue
+            ours = current_books.get(actor, 0)
+            theirs = backup_books.get(actor, 0)
+            if ours > theirs:
+                raise RestoreError(
+                    f"this node has written versions the backup lacks (its own version {ours}, the backup "
+                    f"has {theirs}); keeping its {which} would reuse version numbers its peers already "
+                    "have. Restore with --new-site-id to give the node a fresh identity instead"
+                )
 
     tmp = db_path.with_name(db_path.name + ".restoring")
     for leftover in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm"), Path(f"{tmp}-journal")):
@@ -115,6 +151,7 @@ def restore_database(
                 src.backup(out)
                 out.execute("PRAGMA journal_mode = DELETE")
                 out.execute(f"UPDATE {SITE_TABLE} SET site_id = ? WHERE id = 0", (site,))
+                _set_global_actor(out, global_actor)
             finally:
                 out.close()
         finally:

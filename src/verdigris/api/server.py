@@ -394,7 +394,10 @@ class ApiServer:
         else:
             self.metrics.transactions.labels("committed").inc()
             self.metrics.rows_affected.inc(sum(r.rows_affected for r in result.results))
-            self.metrics.db_version.set(result.version)
+            self.metrics.db_version.set(self.store.db_version)
+        if "regional" not in result.versions and "global" in result.versions:
+            # `version` is the global actor's: name that actor.
+            actor = wire.actor_id_str(self.store.actor_for("global"))
         return _json_response(
             200,
             {
@@ -402,6 +405,11 @@ class ApiServer:
                 "time": result.time,
                 "version": result.version,
                 "actor_id": actor,
+                # Scope -> {version, actor_id} of each own actor the transaction made a version of.
+                "versions": {
+                    scope: {"version": v, "actor_id": wire.actor_id_str(self.store.actor_for(scope))}
+                    for scope, v in result.versions.items()
+                },
             },
         )
 

@@ -1,5 +1,6 @@
 """The replicated SQLite store."""
 
+from verdigris.store.schema import SCOPES
 from verdigris.store.store import (
     ActorBooks,
     CommitNotice,
@@ -25,6 +26,7 @@ from verdigris.store.types import (
 )
 
 __all__ = [
+    "SCOPES",
     "SENTINEL_CID",
     "ActorBooks",
     "Change",

@@ -7,7 +7,9 @@ Semantics follow cr-sqlite as Corrosion uses it (see ARCHITECTURE.md, "Store rul
   The sentinel ``cid = '-1'`` holds the row's causal length in ``col_version`` (odd alive, even deleted).
 * Triggers record local writes; they only act while :meth:`Store.transact` runs (``vd_local()``), so merges
   of remote changes write the base tables directly without producing new local changes.
-* One committed local transaction that changed something = one new version of this node's actor.
+* One committed local transaction that changed something = one new version of this node's actor of the
+  scope of the tables it wrote (``regional``: the site id; ``global``: a second actor id); a transaction
+  writing tables of both scopes makes one version of each actor (see docs/store.md, "Scopes").
 
 Thread-safety: one writer connection guarded by a mutex; readers open their own read-only connections.
 """
@@ -28,7 +30,10 @@ import msgspec
 
 from verdigris.store.ranges import RangeSet
 from verdigris.store.schema import (
+    DEFAULT_SCOPE,
     INTERNAL_PREFIX,
+    SCOPES,
+    SCOPES_TABLE,
     Schema,
     SchemaChanges,
     Table,
@@ -87,9 +92,13 @@ class CommitNotice:
     tables: dict[str, set[PkTuple]]
     """Table name -> primary keys of rows inserted, updated or deleted by the commit."""
     local_version: int | None = None
-    """The local version made by this commit, or None for a merge of remote changes."""
+    """The version of this node's regional actor (its site id) made by this commit, or None (a merge of
+    remote changes, or a local transaction that wrote global tables only)."""
     remote_versions: list[tuple[bytes, int]] = field(default_factory=list)
     """(actor, version) pairs completed by a merge."""
+    versions: dict[bytes, int] = field(default_factory=dict)
+    """Local actor -> its new version, for every own actor (one per scope) this commit made a version of;
+    empty for a merge."""
 
 
 @dataclass
@@ -144,6 +153,15 @@ CREATE TABLE IF NOT EXISTS {INTERNAL_PREFIX}site (
     id INTEGER PRIMARY KEY CHECK (id = 0),
     site_id BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS {SCOPES_TABLE} (
+    name TEXT PRIMARY KEY,
+    scope TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS {INTERNAL_PREFIX}actors (
+    actor BLOB PRIMARY KEY,
+    scope TEXT NOT NULL,
+    own INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS {INTERNAL_PREFIX}bookkeeping (
     actor BLOB NOT NULL,
     start INTEGER NOT NULL,
@@ -258,6 +276,8 @@ class _TableOps:
     def trigger_ddl(self) -> list[str]:
         table = self.table
         name = table.name
+        scope = sql_str(table.scope)
+        version, seq, site = f"vd_version({scope})", f"vd_seq({scope})", f"vd_site({scope})"
         t = quote_ident(name)
         k = quote_ident(clock_table(name))
         pk = self.pk
@@ -272,27 +292,27 @@ class _TableOps:
             # Row (re)appears: sentinel to 1, or from even (deleted) to the next odd.
             return [
                 f"INSERT INTO {k} ({self.pk_cols}, cid, col_version, db_version, seq, site_id) "
-                f"SELECT {pk_vals(prefix)}, '{SENTINEL_CID}', 1, vd_version(), vd_seq(), vd_site() "
+                f"SELECT {pk_vals(prefix)}, '{SENTINEL_CID}', 1, {version}, {seq}, {site} "
                 f"WHERE NOT EXISTS (SELECT 1 FROM {k} WHERE {match(prefix)} AND cid = '{SENTINEL_CID}');",
-                f"UPDATE {k} SET col_version = col_version + 1, db_version = vd_version(), seq = vd_seq(), "
-                f"site_id = vd_site() WHERE {match(prefix)} AND cid = '{SENTINEL_CID}' AND col_version % 2 = 0;",
+                f"UPDATE {k} SET col_version = col_version + 1, db_version = {version}, seq = {seq}, "
+                f"site_id = {site} WHERE {match(prefix)} AND cid = '{SENTINEL_CID}' AND col_version % 2 = 0;",
             ]
 
         def bump(prefix: str, col: str, cond: str = "") -> str:
             where = f" WHERE {cond}" if cond else " WHERE 1"
             return (
                 f"INSERT INTO {k} ({self.pk_cols}, cid, col_version, db_version, seq, site_id) "
-                f"SELECT {pk_vals(prefix)}, {sql_str(col)}, 1, vd_version(), vd_seq(), vd_site(){where} "
+                f"SELECT {pk_vals(prefix)}, {sql_str(col)}, 1, {version}, {seq}, {site}{where} "
                 f"ON CONFLICT DO UPDATE SET col_version = col_version + 1, db_version = excluded.db_version, "
                 f"seq = excluded.seq, site_id = excluded.site_id;"
             )
 
         def gone(prefix: str) -> list[str]:
             return [
-                f"UPDATE {k} SET col_version = col_version + 1, db_version = vd_version(), seq = vd_seq(), "
-                f"site_id = vd_site() WHERE {match(prefix)} AND cid = '{SENTINEL_CID}' AND col_version % 2 = 1;",
+                f"UPDATE {k} SET col_version = col_version + 1, db_version = {version}, seq = {seq}, "
+                f"site_id = {site} WHERE {match(prefix)} AND cid = '{SENTINEL_CID}' AND col_version % 2 = 1;",
                 f"INSERT INTO {k} ({self.pk_cols}, cid, col_version, db_version, seq, site_id) "
-                f"SELECT {pk_vals(prefix)}, '{SENTINEL_CID}', 2, vd_version(), vd_seq(), vd_site() "
+                f"SELECT {pk_vals(prefix)}, '{SENTINEL_CID}', 2, {version}, {seq}, {site} "
                 f"WHERE NOT EXISTS (SELECT 1 FROM {k} WHERE {match(prefix)} AND cid = '{SENTINEL_CID}');",
                 f"DELETE FROM {k} WHERE {match(prefix)} AND cid != '{SENTINEL_CID}';",
             ]
@@ -388,6 +408,7 @@ class Store:
         *,
         schema_sql: str | None = None,
         site_id: bytes | None = None,
+        global_site_id: bytes | None = None,
     ) -> None:
         self.path = Path(path)
         if self.path.parent and not self.path.parent.exists():
@@ -399,8 +420,8 @@ class Store:
         self._lock = threading.RLock()
         self._local = False
         self._user_sql = False
-        self._pending_version = 0
-        self._seq = 0
+        self._pending_version: dict[str, int] = dict.fromkeys(SCOPES, 0)
+        self._seq: dict[str, int] = dict.fromkeys(SCOPES, 0)
         self._listeners: list[Callable[[CommitNotice], None]] = []
         self._conn = sqlite3.connect(
             str(self.path), isolation_level=None, check_same_thread=False, cached_statements=512
@@ -412,20 +433,31 @@ class Store:
             # 64 MiB page cache: merges touch clock tables and their indexes all over the file.
             self._conn.execute("PRAGMA cache_size = -65536")
             self._conn.create_function("vd_local", 0, lambda: 1 if self._local else 0)
-            self._conn.create_function("vd_version", 0, lambda: self._pending_version)
-            self._conn.create_function("vd_seq", 0, self._next_seq)
+            # The one-argument forms take the table's scope; the zero-argument ones (triggers made before
+            # scopes existed) mean the regional actor.
+            self._conn.create_function("vd_version", 0, lambda: self._pending_version[DEFAULT_SCOPE])
+            self._conn.create_function("vd_version", 1, lambda scope: self._pending_version[scope])
+            self._conn.create_function("vd_seq", 0, lambda: self._next_seq(DEFAULT_SCOPE))
+            self._conn.create_function("vd_seq", 1, self._next_seq)
             self._conn.create_function("vd_site", 0, lambda: self.site_id)
+            self._conn.create_function("vd_site", 1, lambda scope: self._own[scope])
             self._conn.set_authorizer(self._authorize)
-            self._conn.executescript(_INTERNAL_DDL)
-            row = self._conn.execute(f"SELECT site_id FROM {INTERNAL_PREFIX}site WHERE id = 0").fetchone()
-            if row is None:
-                self.site_id = site_id or os.urandom(16)
+            had_actors = (
                 self._conn.execute(
-                    f"INSERT INTO {INTERNAL_PREFIX}site (id, site_id) VALUES (0, ?)", (self.site_id,)
-                )
-            else:
-                self.site_id = bytes(row[0])
+                    f"SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '{INTERNAL_PREFIX}actors'"
+                ).fetchone()
+                is not None
+            )
+            self._conn.executescript(_INTERNAL_DDL)
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._init_actors(site_id, global_site_id, migrate=not had_actors)
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
             self._books: dict[bytes, ActorBooks] = {}
+            self._actor_scopes: dict[bytes, str] = {}
             self._load_books()
             self.schema = read_database_schema(self._conn)
             self._ops: dict[str, _TableOps] = {}
@@ -438,12 +470,71 @@ class Store:
             self._conn.close()
             raise
 
+    def _init_actors(self, site_id: bytes | None, global_site_id: bytes | None, *, migrate: bool) -> None:
+        """Read (or create) this node's actor of each scope, and record it in ``__vd_actors``."""
+        conn = self._conn
+        row = conn.execute(f"SELECT site_id FROM {INTERNAL_PREFIX}site WHERE id = 0").fetchone()
+        if row is None:
+            self.site_id = site_id or os.urandom(16)
+            conn.execute(f"INSERT INTO {INTERNAL_PREFIX}site (id, site_id) VALUES (0, ?)", (self.site_id,))
+        else:
+            self.site_id = bytes(row[0])
+        if migrate:
+            # A database from before scopes: every table was regional, so was every actor it knows.
+            conn.execute(
+                f"INSERT OR IGNORE INTO {INTERNAL_PREFIX}actors (actor, scope, own) "
+                f"SELECT DISTINCT actor, '{DEFAULT_SCOPE}', 0 FROM {INTERNAL_PREFIX}bookkeeping "
+                f"UNION SELECT DISTINCT actor, '{DEFAULT_SCOPE}', 0 FROM {INTERNAL_PREFIX}buffer"
+            )
+        # The regional actor is the site id (``verdigris restore`` may have changed it: an old own actor
+        # becomes an actor like any other).
+        conn.execute(
+            f"UPDATE {INTERNAL_PREFIX}actors SET own = 0 WHERE own = 1 AND scope = 'regional' AND actor != ?",
+            (self.site_id,),
+        )
+        conn.execute(
+            f"INSERT INTO {INTERNAL_PREFIX}actors (actor, scope, own) VALUES (?, 'regional', 1) "
+            "ON CONFLICT (actor) DO UPDATE SET scope = 'regional', own = 1",
+            (self.site_id,),
+        )
+        row = conn.execute(
+            f"SELECT actor FROM {INTERNAL_PREFIX}actors WHERE own = 1 AND scope = 'global'"
+        ).fetchone()
+        if row is None:
+            global_id = global_site_id or os.urandom(16)
+            if global_id == self.site_id:
+                raise StoreError("the global actor id must differ from the site id")
+            conn.execute(
+                f"INSERT INTO {INTERNAL_PREFIX}actors (actor, scope, own) VALUES (?, 'global', 1) "
+                "ON CONFLICT (actor) DO UPDATE SET scope = 'global', own = 1",
+                (global_id,),
+            )
+        else:
+            global_id = bytes(row[0])
+        self._own: dict[str, bytes] = {"regional": self.site_id, "global": global_id}
+
     # ----------------------------------------------------------------------------------------- basics
 
-    def _next_seq(self) -> int:
-        s = self._seq
-        self._seq += 1
+    def _next_seq(self, scope: str) -> int:
+        s = self._seq[scope]
+        self._seq[scope] = s + 1
         return s
+
+    def actor_for(self, scope: str) -> bytes:
+        """This node's actor id for ``scope`` (``regional``: :attr:`site_id`; ``global``: a second id)."""
+        try:
+            return self._own[scope]
+        except KeyError:
+            raise ValueError(f"unknown scope {scope!r} (expected one of: {', '.join(SCOPES)})") from None
+
+    def scope_of(self, actor: bytes) -> str | None:
+        """The scope of an actor's versions (own actors, and remote actors once seen), or None if unknown."""
+        return self._actor_scopes.get(actor)
+
+    def db_version_of(self, scope: str) -> int:
+        """The highest version of this node's actor of ``scope``."""
+        books = self._books.get(self.actor_for(scope))
+        return books.known.max if books else 0
 
     def _authorize(
         self, action: int, arg1: str | None, arg2: str | None, db: str | None, trig: str | None
@@ -463,7 +554,7 @@ class Store:
 
     @property
     def db_version(self) -> int:
-        """The highest version of this node's own actor."""
+        """The highest version of this node's own regional actor (its site id)."""
         books = self._books.get(self.site_id)
         return books.known.max if books else 0
 
@@ -526,6 +617,10 @@ class Store:
                     self._conn.execute(f"DROP INDEX IF EXISTS {quote_ident(name)}")
                 for name in changes.new_indexes + changes.changed_indexes:
                     self._conn.execute(new.indexes[name].sql)
+                self._conn.executemany(
+                    f"INSERT INTO {SCOPES_TABLE} (name, scope) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                    [(name, t.scope) for name, t in new.tables.items()],
+                )
                 self.schema = read_database_schema(self._conn)
                 self._rebuild_ops()
                 for ops in self._ops.values():
@@ -551,8 +646,9 @@ class Store:
         with self._lock:
             conn = self._conn
             conn.execute(f"{self._tag} BEGIN IMMEDIATE")
-            self._pending_version = self.db_version + 1
-            self._seq = 0
+            for scope in SCOPES:
+                self._pending_version[scope] = self.db_version_of(scope) + 1
+                self._seq[scope] = 0
             self._local = True
             try:
                 for i, st in enumerate(statements):
@@ -572,12 +668,13 @@ class Store:
                         self._user_sql = False
                     results.append(StatementResult(rows_affected=rows, time=time.perf_counter() - t0))
                 self._local = False
-                version: int | None = None
+                versions: dict[str, int] = {}
                 touched: dict[str, set[PkTuple]] = {}
-                if self._seq > 0:
-                    version = self._pending_version
-                    touched = self._touched_by_local(version)
-                    self._book_complete(self.site_id, version)
+                for scope in SCOPES:
+                    if self._seq[scope] > 0:
+                        version = versions[scope] = self._pending_version[scope]
+                        touched.update(self._touched_by_local(scope, version))
+                        self._book_complete(self._own[scope], version)
                 conn.execute(f"{self._tag} COMMIT")
             except BaseException:
                 self._local = False
@@ -587,14 +684,28 @@ class Store:
                 # After a rollback the in-memory books may be ahead of the database; re-read them.
                 self._load_books()
                 raise
-            if version is not None:
-                self._notify(CommitNotice(tables=touched, local_version=version))
-        return TransactionResult(results=results, time=time.perf_counter() - started, version=version)
+            if versions:
+                self._notify(
+                    CommitNotice(
+                        tables=touched,
+                        local_version=versions.get("regional"),
+                        versions={self._own[sc]: v for sc, v in versions.items()},
+                    )
+                )
+        return TransactionResult(
+            results=results,
+            time=time.perf_counter() - started,
+            version=versions.get("regional", versions.get("global")),
+            versions=versions,
+        )
 
-    def _touched_by_local(self, version: int) -> dict[str, set[PkTuple]]:
+    def _touched_by_local(self, scope: str, version: int) -> dict[str, set[PkTuple]]:
         touched: dict[str, set[PkTuple]] = {}
+        actor = self._own[scope]
         for name, ops in self._ops.items():
-            rows = self._conn.execute(ops.select_touched, (self.site_id, version)).fetchall()
+            if ops.table.scope != scope:
+                continue
+            rows = self._conn.execute(ops.select_touched, (actor, version)).fetchall()
             if rows:
                 touched[name] = {tuple(r) for r in rows}
         return touched
@@ -608,9 +719,12 @@ class Store:
         books = self._books.get(actor)
         if books is None:
             return []
+        scope = self._actor_scopes.get(actor)
         with self._lock:
             by_version: dict[int, list[Change]] = {}
             for name, ops in self._ops.items():
+                if scope is not None and ops.table.scope != scope:
+                    continue
                 cur = self._conn.execute(ops.select_changes, (actor, start, end))
                 npk = len(ops.pk)
                 for r in cur:
@@ -643,6 +757,10 @@ class Store:
 
     def _load_books(self) -> None:
         self._books = {}
+        self._actor_scopes = {
+            bytes(actor): str(scope)
+            for actor, scope in self._conn.execute(f"SELECT actor, scope FROM {INTERNAL_PREFIX}actors")
+        }
         for actor, start, end in self._conn.execute(
             f'SELECT actor, start, "end" FROM {INTERNAL_PREFIX}bookkeeping ORDER BY actor, start'
         ):
@@ -669,15 +787,25 @@ class Store:
             (actor, merged[0], merged[1]),
         )
 
-    def books(self) -> dict[bytes, ActorBooks]:
-        """Bookkeeping per actor (a live view; do not modify)."""
-        return self._books
+    def books(self, scope: str | None = None) -> dict[bytes, ActorBooks]:
+        """Bookkeeping per actor (a live view; do not modify). With ``scope``, only the actors of that scope
+        (a new dict of the live books)."""
+        if scope is None:
+            return self._books
+        self._check_scope(scope)
+        scopes = self._actor_scopes
+        return {actor: b for actor, b in self._books.items() if scopes.get(actor) == scope}
 
-    def heads(self) -> dict[bytes, int]:
-        return {actor: b.head for actor, b in self._books.items()}
+    def heads(self, scope: str | None = None) -> dict[bytes, int]:
+        return {actor: b.head for actor, b in self.books(scope).items()}
 
-    def needs(self) -> dict[bytes, list[tuple[int, int]]]:
-        return {actor: n for actor, b in self._books.items() if (n := b.needs())}
+    def needs(self, scope: str | None = None) -> dict[bytes, list[tuple[int, int]]]:
+        return {actor: n for actor, b in self.books(scope).items() if (n := b.needs())}
+
+    @staticmethod
+    def _check_scope(scope: str) -> None:
+        if scope not in SCOPES:
+            raise ValueError(f"unknown scope {scope!r} (expected one of: {', '.join(SCOPES)})")
 
     def knows(self, actor: bytes, version: int) -> bool:
         books = self._books.get(actor)
@@ -685,10 +813,16 @@ class Store:
 
     # ----------------------------------------------------------------------------------------- merge
 
-    def merge(self, changesets: Iterable[Changeset]) -> MergeResult:
+    def merge(self, changesets: Iterable[Changeset], scope: str | None = None) -> MergeResult:
         """Merge remote changesets in one transaction. Complete versions are applied; pieces of a chunked
         version are buffered (persisted) until every seq has arrived. Invalid changesets are rejected
-        (reported, not booked) without affecting the others."""
+        (reported, not booked) without affecting the others.
+
+        Every changeset belongs to one scope: its tables' (all of one scope), which must be the scope
+        recorded for its actor (on first sight). With ``scope`` (the cluster the changesets came from),
+        changesets of the other scope are rejected too."""
+        if scope is not None:
+            self._check_scope(scope)
         result = MergeResult()
         with self._lock:
             conn = self._conn
@@ -697,7 +831,7 @@ class Store:
                 ready: list[Change] = []
                 completed: list[tuple[bytes, int]] = []
                 for cs in changesets:
-                    problem = self._validate(cs)
+                    problem = self._validate(cs) or self._check_changeset_scope(cs, scope)
                     if problem is not None:
                         result.rejected.append((cs.actor, cs.version, problem))
                         continue
@@ -730,10 +864,30 @@ class Store:
             self._notify(CommitNotice(tables=touched, remote_versions=list(completed)))
         return result
 
+    def _check_changeset_scope(self, cs: Changeset, scope: str | None) -> str | None:
+        """Check a (valid) changeset's scope; record its actor's scope on first sight."""
+        scopes = {self._ops[ch.table].table.scope for ch in cs.changes}
+        if len(scopes) > 1:
+            return "changeset mixes regional and global tables (a version belongs to one scope)"
+        known = self._actor_scopes.get(cs.actor)
+        cs_scope = next(iter(scopes)) if scopes else (known or scope)
+        if known is not None and cs_scope != known:
+            table = cs.changes[0].table
+            return f"actor of scope {known!r} sent a change to {cs_scope} table {table!r}"
+        if scope is not None and cs_scope != scope:
+            return f"changeset of scope {cs_scope!r} merged as {scope!r} (wrong cluster)"
+        if known is None and cs_scope is not None:
+            self._actor_scopes[cs.actor] = cs_scope
+            self._conn.execute(
+                f"{self._tag} INSERT INTO {INTERNAL_PREFIX}actors (actor, scope, own) VALUES (?, ?, 0) ON CONFLICT DO NOTHING",
+                (cs.actor, cs_scope),
+            )
+        return None
+
     def _validate(self, cs: Changeset) -> str | None:
         if len(cs.actor) != 16:
             return "actor id must be 16 bytes"
-        if cs.actor == self.site_id:
+        if cs.actor in self._own.values():
             return "changeset of this node's own actor"
         if cs.version < 1:
             return "version must be >= 1"

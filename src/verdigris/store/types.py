@@ -68,7 +68,10 @@ class TransactionResult(msgspec.Struct, frozen=True):
     results: list[StatementResult]
     time: float
     version: int | None
-    """The new version of this node's actor, or None when the transaction changed nothing."""
+    """The new version of this node's regional actor (its site id) if the transaction wrote a regional
+    table, else of its global actor; None when the transaction changed nothing."""
+    versions: dict[str, int] = msgspec.field(default_factory=dict)
+    """Scope -> the new version of this node's actor of that scope, for each scope the transaction wrote."""
 
 
 class StoreError(Exception):
