@@ -22,6 +22,11 @@ A clustered agent (one with ``[gossip]``) adds:
 * ``fault block <host:port>...`` | ``fault heal`` | ``fault status`` → drop all traffic to and from peers
   (only with ``gossip.fault-injection = true``; for partition tests).
 
+``members``, ``rejoin``, ``status`` and ``fault`` act on one cluster: in region mode (``[gossip.global]``)
+the region's by default, the global one with a scope: ``members global``, ``fault global block ...``, or
+``"scope": "global"`` in JSON (``regional`` names the default). Without region mode both names mean the
+agent's only cluster.
+
 The socket file is created with mode 0600: whoever can use it can back up the whole database.
 """
 
@@ -75,6 +80,9 @@ def parse_command(line: bytes) -> dict[str, Any]:
     except ValueError as e:
         raise ValueError(f"cannot parse command: {e}") from None
     cmd, args = words[0], words[1:]
+    scope: dict[str, str] = {}
+    if cmd in _SCOPED and args[:1] and args[0] in _SCOPE_WORDS:
+        scope, args = {"scope": args[0]}, args[1:]
     if cmd == "backup":
         if len(args) != 1:
             raise ValueError("usage: backup <path>")
@@ -87,13 +95,22 @@ def parse_command(line: bytes) -> dict[str, Any]:
         return {"cmd": "keys", "action": args[0], "key": args[1]}
     if cmd == "fault":
         if args[:1] == ["block"] and len(args) > 1:
-            return {"cmd": "fault", "action": "block", "addrs": args[1:]}
+            return {"cmd": "fault", **scope, "action": "block", "addrs": args[1:]}
         if args in (["heal"], ["status"]):
-            return {"cmd": "fault", "action": args[0]}
-        raise ValueError("usage: fault block <host:port>... | fault heal | fault status")
+            return {"cmd": "fault", **scope, "action": args[0]}
+        raise ValueError(
+            "usage: fault [regional|global] block <host:port>... | fault [regional|global] heal|status"
+        )
     if args:
+        if cmd in _SCOPED:
+            raise ValueError(f"usage: {cmd} [regional|global]")
         raise ValueError(f"{cmd} takes no arguments")
-    return {"cmd": cmd}
+    return {"cmd": cmd, **scope}
+
+
+_SCOPED: Final = frozenset({"members", "rejoin", "status", "fault"})
+"""Commands that act on one cluster, and take an optional scope word first."""
+_SCOPE_WORDS: Final = ("regional", "global")
 
 
 class AdminServer:

@@ -10,7 +10,11 @@
 * the admin socket on ``[admin] path`` (:mod:`verdigris.admin`): ``ping``, ``reload``, ``backup``, and
   for a clustered agent ``members``, ``rejoin``, ``status``, ``keys`` and ``fault``;
 * when the file has a ``[gossip]`` section, the :class:`~verdigris.runtime.GossipRuntime` that makes the
-  agent a member of a cluster (membership, broadcast and sync on ``[gossip] addr``).
+  agent a member of a cluster (membership, broadcast and sync on ``[gossip] addr``); in region mode
+  (``[gossip.global]`` too, docs/regions.md) two of them: :attr:`Agent.gossip` is the region's cluster
+  (regional tables) and :attr:`Agent.global_gossip` the cluster of every node (global tables). The admin
+  commands ``members``, ``status``, ``rejoin`` and ``fault`` take a ``scope`` (``regional`` by default,
+  or ``global``) to say which.
 
 Start-up problems (a bad schema, a database that cannot be opened, a port in use, another agent on the
 same admin socket) raise :class:`AgentError` with a one-line message, so the CLI can print it and exit
@@ -48,6 +52,7 @@ from verdigris.runtime import (
     peers_path,
 )
 from verdigris.runtime.gossip import parse_peer_addr
+from verdigris.store.schema import SCOPES
 from verdigris.store.store import Store
 from verdigris.store.subscriptions import SubscriptionManager
 from verdigris.store.types import StoreError
@@ -88,7 +93,10 @@ class Agent:
         """Where the API actually listens (the real port when ``api.addr`` has port 0)."""
         self.metrics_addr: Addr | None = None
         self.gossip: GossipRuntime | None = None
-        """The cluster runtime, when ``[gossip]`` is configured and the agent is started."""
+        """The cluster runtime, when ``[gossip]`` is configured and the agent is started; in region mode
+        the region's cluster (scope ``regional``)."""
+        self.global_gossip: GossipRuntime | None = None
+        """In region mode (``[gossip.global]``), the global cluster's runtime (scope ``global``)."""
 
     @property
     def api_url(self) -> str:
@@ -149,7 +157,7 @@ class Agent:
             self.api_settings,
             self.metrics,
             members=lambda: self.gossip.member_count() if self.gossip is not None else 0,
-            queue_size=lambda: self.gossip.queue_size() if self.gossip is not None else 0,
+            queue_size=lambda: sum(rt.queue_size() for rt in self._runtimes()),
         )
         self._api_runner, self.api_addr = await self._listen(self.api.app, config.api.addr, "api.addr")
         if config.gossip.enabled:
@@ -174,6 +182,7 @@ class Agent:
     async def _start_gossip(self) -> None:
         assert self.store is not None and self.threads is not None and self.api_addr is not None
         config = self.config
+        region_mode = config.gossip.region_mode
         try:
             keyring, keyring_path = await asyncio.to_thread(open_keyring, config.gossip, config.db.path)
             runtime = GossipRuntime(
@@ -185,11 +194,33 @@ class Agent:
                 peers_file=peers_path(config.db.path),
                 api_addr=str(self.api_addr),
                 registry=self.metrics.registry,
+                scope="regional" if region_mode else None,
             )
             await runtime.start()
         except GossipSetupError as e:
             raise AgentError(str(e)) from None
         self.gossip = runtime
+        if not region_mode:
+            return
+        try:
+            # The same keyring object: `keys` changes made through either runtime apply to both.
+            global_runtime = GossipRuntime(
+                store=self.store,
+                threads=self.threads,
+                config=config.gossip.for_global(),
+                keyring=keyring,
+                keyring_path=keyring_path,
+                peers_file=peers_path(config.db.path, "global"),
+                api_addr=str(self.api_addr),
+                registry=self.metrics.registry,
+                scope="global",
+            )
+            await global_runtime.start()
+        except GossipSetupError as e:
+            message = str(e).replace("gossip.addr", "gossip.global.addr")
+            message = message.replace("gossip.external-addr", "gossip.global.external-addr")
+            raise AgentError(f"global cluster: {message}") from None
+        self.global_gossip = global_runtime
 
     async def _check_admin_free(self, admin: AdminServer) -> None:
         path = admin.path
@@ -229,12 +260,13 @@ class Agent:
     async def stop(self) -> None:
         """Stop accepting, end open streams, close the subscriptions and the store. Idempotent."""
         loop = asyncio.get_running_loop()
-        if self.gossip is not None:
-            gossip, self.gossip = self.gossip, None
-            try:
-                await gossip.stop()
-            except Exception:
-                log.exception("stopping gossip failed")
+        runtimes = self._runtimes()
+        self.gossip = self.global_gossip = None
+        if runtimes:  # both clusters leave at once: each leave may wait for its news to go out
+            results = await asyncio.gather(*(rt.stop() for rt in runtimes), return_exceptions=True)
+            for rt, result in zip(runtimes, results, strict=True):
+                if isinstance(result, Exception):
+                    log.error("stopping gossip (%s) failed", rt.scope or "cluster", exc_info=result)
         if self.api is not None:
             await self.api.close()
         for runner in (self._api_runner, self._metrics_runner):
@@ -276,21 +308,38 @@ class Agent:
             "gossip": f"{self.gossip.addr[0]}:{self.gossip.addr[1]}"
             if self.gossip and self.gossip.addr
             else None,
+            "global_gossip": f"{self.global_gossip.addr[0]}:{self.global_gossip.addr[1]}"
+            if self.global_gossip and self.global_gossip.addr
+            else None,
+            "region": self.config.gossip.region if self.config.gossip.enabled else None,
+            "actors": {scope: store.actor_for(scope).hex() for scope in SCOPES} if store else None,
         }
 
-    def _runtime(self) -> GossipRuntime:
+    def _runtimes(self) -> list[GossipRuntime]:
+        return [rt for rt in (self.gossip, self.global_gossip) if rt is not None]
+
+    def _runtime(self, command: dict[str, Any] | None = None) -> GossipRuntime:
+        """The runtime a command's ``scope`` names: ``regional`` (the default) or ``global``. Without
+        region mode one cluster carries every scope, so both names mean it."""
+        scope = (command or {}).get("scope") or "regional"
+        if scope not in SCOPES:
+            raise ValueError(f"unknown scope {scope!r} (expected one of: {', '.join(SCOPES)})")
         if self.gossip is None:
             raise RuntimeError("gossip is not running")
+        if scope == "global" and self.config.gossip.region_mode:
+            if self.global_gossip is None:
+                raise RuntimeError("the global cluster is not running")
+            return self.global_gossip
         return self.gossip
 
     async def _members(self, command: dict[str, Any]) -> dict[str, Any]:
-        return {"members": self._runtime().members_info()}
+        return {"members": self._runtime(command).members_info()}
 
     async def _rejoin(self, command: dict[str, Any]) -> dict[str, Any]:
-        return {"announced_to": self._runtime().rejoin()}
+        return {"announced_to": self._runtime(command).rejoin()}
 
     async def _status(self, command: dict[str, Any]) -> dict[str, Any]:
-        return await self._runtime().status()
+        return await self._runtime(command).status()
 
     async def _keys(self, command: dict[str, Any]) -> dict[str, Any]:
         action = command.get("action", "list")
@@ -300,7 +349,7 @@ class Agent:
         return await self._runtime().keys(action, key)
 
     async def _fault(self, command: dict[str, Any]) -> dict[str, Any]:
-        runtime = self._runtime()
+        runtime = self._runtime(command)
         action = command.get("action")
         if action == "heal":
             runtime.fault_heal()

@@ -502,6 +502,17 @@ def _config_option(f: Callable[..., Any]) -> Callable[..., Any]:
     )(f)
 
 
+def _scope_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--scope",
+        type=click.Choice(["regional", "global"]),
+        default="regional",
+        show_default=True,
+        help="Which cluster, in region mode ([gossip.global]): the region's or the global one. "
+        "Without region mode both mean the agent's only cluster.",
+    )(f)
+
+
 @main.group(context_settings=CONTEXT_SETTINGS)
 def cluster() -> None:
     """The cluster as this agent sees it (needs [gossip] in the config).
@@ -510,6 +521,7 @@ def cluster() -> None:
     Examples:
       verdigris cluster members -c agent.toml          # who is alive, suspect, dead or gone
       verdigris cluster members -c agent.toml --json
+      verdigris cluster members -c agent.toml --scope global   # region mode: the global cluster
       verdigris cluster status -c agent.toml           # heads, gaps, queues, drops, sync sessions
       verdigris cluster rejoin -c agent.toml           # announce again after a network problem
     """
@@ -517,8 +529,9 @@ def cluster() -> None:
 
 @cluster.command("members", context_settings=CONTEXT_SETTINGS)
 @_config_option
+@_scope_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def cluster_members(config_path: str, as_json: bool) -> None:
+def cluster_members(config_path: str, scope: str, as_json: bool) -> None:
     """List the members this agent knows, itself first.
 
     \b
@@ -526,8 +539,10 @@ def cluster_members(config_path: str, as_json: bool) -> None:
     incarnation, smoothed round trip of direct probes, and how long ago a packet last came from it.
     Example:
       verdigris cluster members -c agent.toml
+      verdigris cluster members -c agent.toml --scope global
     """
-    members: list[dict[str, Any]] = _admin(_load(config_path), {"cmd": "members"})["members"]
+    command = {"cmd": "members", "scope": scope}
+    members: list[dict[str, Any]] = _admin(_load(config_path), command)["members"]
     if as_json:
         click.echo(json.dumps(members, indent=2))
         return
@@ -569,7 +584,8 @@ def _ago(seconds: float) -> str:
 
 @cluster.command("rejoin", context_settings=CONTEXT_SETTINGS)
 @_config_option
-def cluster_rejoin(config_path: str) -> None:
+@_scope_option
+def cluster_rejoin(config_path: str, scope: str) -> None:
     """Announce this agent again to its bootstrap list and every member it knows.
 
     \b
@@ -577,15 +593,18 @@ def cluster_rejoin(config_path: str) -> None:
     Example:
       verdigris cluster rejoin -c agent.toml
     """
-    targets: list[str] = _admin(_load(config_path), {"cmd": "rejoin"})["announced_to"]
+    targets: list[str] = _admin(_load(config_path), {"cmd": "rejoin", "scope": scope})["announced_to"]
     click.echo(f"announced to {len(targets)} address(es): {', '.join(targets) or '-'}")
 
 
 @cluster.command("status", context_settings=CONTEXT_SETTINGS)
 @_config_option
-def cluster_status(config_path: str) -> None:
-    """Print replication state and gossip counters as JSON (heads, gaps, queues, drops, sessions)."""
-    reply = _admin(_load(config_path), {"cmd": "status"})
+@_scope_option
+def cluster_status(config_path: str, scope: str) -> None:
+    """Print replication state and gossip counters as JSON (heads, gaps, queues, drops, sessions).
+
+    In region mode the heads are those of the chosen scope's actors only."""
+    reply = _admin(_load(config_path), {"cmd": "status", "scope": scope})
     reply.pop("ok", None)
     click.echo(json.dumps(reply, indent=2))
 

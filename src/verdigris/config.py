@@ -18,6 +18,11 @@ Corrosion has an equivalent, so an existing ``corrosion.toml`` mostly carries ov
     addr = "0.0.0.0:8787"
     bootstrap = ["10.0.0.2:8787"]
 
+    [gossip.global]            # optional: region mode (docs/regions.md)
+    addr = "0.0.0.0:8788"
+    bootstrap = ["10.9.0.2:8788"]
+    cluster-id = 1
+
 Validation is strict: an unknown section or key anywhere is an error (a typo must never be silently
 ignored), as is a value of the wrong type or an address that cannot be bound. All problems found in a
 file are reported together in one :class:`ConfigError`, one per line, each naming the dotted key and
@@ -32,7 +37,7 @@ Public API:
 
 * :func:`load_config` reads and validates a file; :func:`parse_config` validates TOML text.
 * :class:`Config` and its section classes :class:`DbConfig`, :class:`ApiConfig`,
-  :class:`AuthzConfig`, :class:`GossipConfig`, :class:`AdminConfig`, :class:`TelemetryConfig`,
+  :class:`AuthzConfig`, :class:`GossipConfig`, :class:`GlobalGossipConfig`, :class:`AdminConfig`, :class:`TelemetryConfig`,
   :class:`PrometheusConfig`, :class:`LogConfig`, :class:`PerfConfig`.
 * :class:`Addr` (a ``(host, port)`` named tuple) and :func:`parse_addr`.
 * :class:`ConfigError`.
@@ -40,6 +45,7 @@ Public API:
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import difflib
 import ipaddress
@@ -73,6 +79,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DbConfig",
+    "GlobalGossipConfig",
     "GossipConfig",
     "GossipProfile",
     "LogConfig",
@@ -282,6 +289,29 @@ class ApiConfig:
 
 
 @dataclass(frozen=True)
+class GlobalGossipConfig:
+    """``[gossip.global]``: the global cluster of an agent in region mode (docs/regions.md).
+
+    Only what differs between the two clusters is here; encryption (``plaintext``, ``key``, the
+    keyring), ``region`` and ``fault-injection`` are shared with ``[gossip]``.
+
+    Attributes:
+        addr: where this agent listens for the global cluster's peers (``gossip.global.addr``, required).
+        external_addr: the address global peers should use (``gossip.global.external-addr``).
+        bootstrap: global peers to contact on start-up (``gossip.global.bootstrap``).
+        cluster_id: the global cluster's id (``gossip.global.cluster-id``); must differ from
+            ``gossip.cluster-id``.
+        profile: protocol timing (``gossip.global.profile``), ``"wan"`` by default.
+    """
+
+    addr: Addr
+    external_addr: Addr | None = None
+    bootstrap: tuple[Addr, ...] = ()
+    cluster_id: int = 0
+    profile: GossipProfile = "wan"
+
+
+@dataclass(frozen=True)
 class GossipConfig:
     """``[gossip]``: cluster membership and replication (:mod:`verdigris.runtime`).
 
@@ -304,6 +334,10 @@ class GossipConfig:
             ``"wan"`` (foca's WAN defaults, as Corrosion uses).
         fault_injection: accept the admin socket's ``fault`` commands (``gossip.fault-injection``), for
             partition tests. Off by default: a production agent must never be told to go deaf.
+        global_: ``[gossip.global]``, or ``None``. When set the agent runs in *region mode*: this
+            section is its region's cluster (``regional`` tables only) and ``global_`` a second cluster
+            of every node (``global`` tables only); ``region`` is then required. Without it one cluster
+            carries every scope.
     """
 
     addr: Addr = field(default_factory=lambda: parse_addr(DEFAULT_GOSSIP_ADDR))
@@ -317,6 +351,28 @@ class GossipConfig:
     region: str = ""
     profile: GossipProfile = "lan"
     fault_injection: bool = False
+    global_: GlobalGossipConfig | None = None
+
+    @property
+    def region_mode(self) -> bool:
+        """A ``[gossip.global]`` table is configured: one cluster per scope."""
+        return self.global_ is not None
+
+    def for_global(self) -> GossipConfig:
+        """The settings of the global cluster: ``[gossip.global]``'s addresses, id and profile, with the
+        shared keys, region and fault injection of ``[gossip]``. Only in region mode."""
+        g = self.global_
+        if g is None:
+            raise ValueError("no [gossip.global]: this agent runs a single cluster")
+        return dataclasses.replace(
+            self,
+            addr=g.addr,
+            external_addr=g.external_addr,
+            bootstrap=g.bootstrap,
+            cluster_id=g.cluster_id,
+            profile=g.profile,
+            global_=None,
+        )
 
 
 @dataclass(frozen=True)
@@ -533,6 +589,29 @@ def _build(document: Mapping[str, object], source: str, base_dir: Path) -> Confi
     region = gossip.optional_str("region") or ""
     profile = gossip.choice("profile", GOSSIP_PROFILES, "lan")
     fault_injection = gossip.boolean("fault-injection", False)
+    raw_gossip = document.get("gossip")
+    global_present = isinstance(raw_gossip, dict) and isinstance(raw_gossip.get("global"), dict)
+    global_table = gossip.table("global")
+    global_cfg: GlobalGossipConfig | None = None
+    if global_present:
+        g_addr = global_table.optional_addr("addr")
+        if g_addr is None and "addr" not in global_table:
+            report.missing("gossip.global.addr")
+        g_external = global_table.optional_addr("external-addr")
+        g_bootstrap = global_table.addr_list("bootstrap")
+        g_cluster_id = global_table.integer("cluster-id", 0, minimum=0, maximum=_MAX_CLUSTER_ID)
+        g_profile = global_table.choice("profile", GOSSIP_PROFILES, "wan")
+        if g_addr is not None:
+            global_cfg = GlobalGossipConfig(
+                addr=g_addr,
+                external_addr=g_external,
+                bootstrap=g_bootstrap,
+                cluster_id=g_cluster_id,
+                profile=cast(GossipProfile, g_profile),
+            )
+        if g_external is not None and g_external.port == 0:
+            report.invalid("gossip.global.external-addr", "the port must be given (not 0)")
+    global_table.finish()
     gossip.finish()
     if gossip_key is not None:
         try:
@@ -547,6 +626,22 @@ def _build(document: Mapping[str, object], source: str, base_dir: Path) -> Confi
         region = ""
     if external_addr is not None and external_addr.port == 0:
         report.invalid("gossip.external-addr", "the port must be given (not 0)")
+    if global_present:
+        if not region and not any(p.startswith('invalid value for "gossip.region"') for p in report.other):
+            report.invalid(
+                "gossip.region",
+                "must be set in region mode ([gossip.global] is configured): [gossip] is the cluster of "
+                "this region, so the agent needs to know which region it is in",
+            )
+        if global_cfg is not None:
+            if global_cfg.cluster_id == cluster_id:
+                report.invalid(
+                    "gossip.global.cluster-id",
+                    f"{cluster_id} is also gossip.cluster-id: the global cluster and the region's cluster "
+                    "must have different ids, or their members would mix",
+                )
+            if global_cfg.addr == gossip_addr and gossip_addr.port != 0:
+                report.invalid("gossip.global.addr", f"{gossip_addr} is already used by gossip.addr")
 
     admin = root.table("admin")
     admin_path = admin.path("path", base_dir)
@@ -592,6 +687,7 @@ def _build(document: Mapping[str, object], source: str, base_dir: Path) -> Confi
             region=region,
             profile=cast(GossipProfile, profile),
             fault_injection=fault_injection,
+            global_=global_cfg,
         ),
         telemetry=TelemetryConfig(prometheus=PrometheusConfig(addr=prometheus_addr)),
         log=LogConfig(level=cast(LogLevel, level), format=cast(LogFormat, log_format), colors=colors),
@@ -612,6 +708,11 @@ class _Report:
         self.source = source
         self._unknown: list[tuple[str, str]] = []
         self._other: list[str] = []
+
+    @property
+    def other(self) -> list[str]:
+        """The problems other than unknown keys found so far."""
+        return self._other
 
     def unknown(self, key: str, hint: str | None) -> None:
         suffix = f' (did you mean "{hint}"?)' if hint else ""
@@ -655,6 +756,9 @@ class _Table:
         self._known: list[str] = []
         self._broken = broken
         """The table's value was not a table (already reported): don't also report its keys missing."""
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._data
 
     def key(self, key: str) -> str:
         """The dotted path of ``key`` in this table."""

@@ -42,6 +42,15 @@ list. A join that gives up while the node is alone is retried with backoff; whil
 dead, one such member is re-contacted every ``reconnect_interval``, which is what heals a partition once
 gossip to the dead has stopped. :meth:`stop` leaves gracefully (the ``Left`` news goes out first).
 
+**Scopes** (docs/regions.md). A runtime built with ``scope=None`` is the node's only cluster and carries
+every actor of every scope. With ``scope="regional"`` or ``"global"`` it is one of the two clusters of an
+agent in region mode: its node id is the store's actor for that scope (so the two runtimes of one agent
+are distinct members of distinct clusters), it broadcasts only that actor's local versions, reads, builds
+and serves sync state only from that scope's books (:meth:`Store.books` with the scope), and merges with
+``scope=`` so the store refuses a change set of the other scope. Nothing of another scope is ever sent
+on it, so a node outside a region has no channel that could bring it that region's changes. Its log lines
+and metrics say the scope.
+
 **Fault injection** (:mod:`verdigris.runtime.faults`), when enabled, drops traffic to and from chosen
 peers in both transports, for partition tests with real processes.
 
@@ -58,7 +67,7 @@ import random
 import socket
 import time
 from collections import deque
-from collections.abc import Coroutine, Iterable
+from collections.abc import Coroutine, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -95,7 +104,8 @@ from verdigris.gossip.sync import (
 )
 from verdigris.gossip.wire import PROTOCOL_VERSION as FAMILY_MEMBERSHIP
 from verdigris.runtime.faults import FaultFilter
-from verdigris.runtime.metrics import GossipCollector
+from verdigris.runtime.metrics import attach as attach_metrics
+from verdigris.runtime.metrics import detach as detach_metrics
 from verdigris.runtime.peers import MAX_SAVED_MEMBERS, PeerRecord, SavedPeers, load_peers, save_peers
 from verdigris.runtime.received import ReceivedVersions
 from verdigris.runtime.settings import RuntimeSettings
@@ -108,7 +118,8 @@ from verdigris.runtime.stream import (
     decode_hello,
     encode_hello,
 )
-from verdigris.store.store import MergeResult, Store
+from verdigris.store.schema import SCOPES
+from verdigris.store.store import ActorBooks, CommitNotice, MergeResult, Store
 from verdigris.store.types import Changeset
 
 __all__ = ["GossipRuntime", "GossipSetupError", "RuntimeStats", "open_keyring", "parse_peer_addr"]
@@ -192,6 +203,28 @@ class RuntimeStats:
         self.stream_errors[reason] = self.stream_errors.get(reason, 0) + 1
 
 
+class _ScopedSource:
+    """The store as a sync :class:`~verdigris.gossip.sync.ChangeSource` restricted to one scope's actors."""
+
+    def __init__(self, store: Store, scope: str) -> None:
+        self._store = store
+        self._scope = scope
+
+    def books(self) -> Mapping[bytes, ActorBooks]:
+        return self._store.books(self._scope)
+
+    def changesets_for(self, actor: bytes, start: int, end: int) -> list[Changeset]:
+        return self._store.changesets_for(actor, start, end)
+
+
+class _ScopeLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """Prefixes a scoped runtime's log lines with ``[regional]`` / ``[global]``."""
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
+        scope = self.extra.get("scope") if self.extra else None
+        return (f"[{scope}] {msg}" if scope else msg), kwargs
+
+
 class _UdpProtocol(asyncio.DatagramProtocol):
     def __init__(self, runtime: GossipRuntime) -> None:
         self._runtime = runtime
@@ -216,6 +249,8 @@ class GossipRuntime:
         api_addr: the node's HTTP API address, advertised in membership metadata.
         settings: tuning (default: :meth:`RuntimeSettings.for_profile` of ``config.profile``).
         registry: where to register the runtime's metrics (none when None).
+        scope: ``None`` (the node's only cluster: every scope), or ``"regional"`` / ``"global"`` (one of
+            the two clusters of region mode; see the module docstring).
     """
 
     def __init__(
@@ -230,7 +265,12 @@ class GossipRuntime:
         api_addr: str | None = None,
         settings: RuntimeSettings | None = None,
         registry: CollectorRegistry | None = None,
+        scope: str | None = None,
     ) -> None:
+        if scope is not None and scope not in SCOPES:
+            raise ValueError(f"unknown scope {scope!r} (expected one of: {', '.join(SCOPES)})")
+        self.scope = scope
+        self._log = _ScopeLog(log, {"scope": scope})
         self._store = store
         self._threads = threads
         self.config = config
@@ -240,8 +280,16 @@ class GossipRuntime:
         self.api_addr = api_addr
         self.settings = settings or RuntimeSettings.for_profile(config.profile)
         self._registry = registry
-        self.site_id = store.site_id
-        self.node_id = store.site_id.hex()
+        self.site_id = store.actor_for(scope) if scope is not None else store.site_id
+        """This runtime's own actor: the store's actor of ``scope``, or the site id (the regional actor)."""
+        self.node_id = self.site_id.hex()
+        self._own_actors: frozenset[bytes] = (
+            frozenset({self.site_id})
+            if scope is not None
+            else frozenset({store.site_id, *(store.actor_for(s) for s in SCOPES)})
+        )
+        """The node's actors whose local versions this runtime broadcasts."""
+        self._source: _ScopedSource | Store = _ScopedSource(store, scope) if scope is not None else store
         seed = int.from_bytes(os.urandom(8), "big")
         self._rng = random.Random(seed)
         self._writer_rng = random.Random(seed ^ 0x5EED)  # used on the writer thread only
@@ -251,7 +299,7 @@ class GossipRuntime:
         self.stats = RuntimeStats()
         self.client_stats = SyncStats()
         self.server_stats = SyncStats()
-        self._received = ReceivedVersions(self.site_id)
+        self._received = ReceivedVersions(self.site_id, also_own=self._own_actors)
         self.broadcaster = Broadcaster(
             is_new=lambda actor, version, seqs: self._received.is_new(actor, version, seqs),
             rng=self._rng,
@@ -279,7 +327,7 @@ class GossipRuntime:
         self._merge_queued_changes = 0
         self._merging = 0
         self._merge_wake = asyncio.Event()
-        self._local_range: tuple[int, int] | None = None
+        self._local_ranges: dict[bytes, tuple[int, int]] = {}
         self._local_wake = asyncio.Event()
         self._join_pending = False
         self._rejoin_at: float | None = None
@@ -291,7 +339,7 @@ class GossipRuntime:
         self._persist_task: asyncio.Task[Any] | None = None
         self._saved_incarnation = -1
         self._keys_lock = asyncio.Lock()
-        self._collector: GossipCollector | None = None
+        self._metrics_attached = False
         self._closing = False
 
     # ------------------------------------------------------------------------------------------ lifecycle
@@ -307,24 +355,32 @@ class GossipRuntime:
         self._loop = loop
         cfg = self.config
         bind = cfg.addr
-        try:
-            transport, _ = await loop.create_datagram_endpoint(
-                lambda: _UdpProtocol(self), local_addr=(bind.host, bind.port)
-            )
-        except OSError as e:
-            raise GossipSetupError(f"cannot listen on {bind} (gossip.addr, UDP): {e.strerror or e}") from None
-        self._transport = transport
-        sockname = transport.get_extra_info("sockname")
-        port = int(sockname[1])
-        try:
-            self._server = await asyncio.start_server(
-                self._accept, bind.host, port, reuse_address=True, limit=256 * 1024
-            )
-        except OSError as e:
-            transport.close()
-            raise GossipSetupError(
-                f"cannot listen on {bind.host}:{port} (gossip.addr, TCP): {e.strerror or e}"
-            ) from None
+        # Port 0: the UDP socket picks a free port, which TCP may hold already; then pick another.
+        attempts = 20 if bind.port == 0 else 1
+        for attempt in range(attempts):
+            try:
+                transport, _ = await loop.create_datagram_endpoint(
+                    lambda: _UdpProtocol(self), local_addr=(bind.host, bind.port)
+                )
+            except OSError as e:
+                raise GossipSetupError(
+                    f"cannot listen on {bind} (gossip.addr, UDP): {e.strerror or e}"
+                ) from None
+            sockname = transport.get_extra_info("sockname")
+            port = int(sockname[1])
+            try:
+                self._server = await asyncio.start_server(
+                    self._accept, bind.host, port, reuse_address=True, limit=256 * 1024
+                )
+            except OSError as e:
+                transport.close()
+                if attempt + 1 < attempts:
+                    continue
+                raise GossipSetupError(
+                    f"cannot listen on {bind.host}:{port} (gossip.addr, TCP): {e.strerror or e}"
+                ) from None
+            self._transport = transport
+            break
         self.bound = (bind.host, port)
         if cfg.external_addr is not None:
             external = (cfg.external_addr.host, cfg.external_addr.port)
@@ -385,8 +441,7 @@ class GossipRuntime:
             now=now,
         )
         store = self._store
-        site = self.site_id
-        self._received = await self._threads.write(lambda: ReceivedVersions.from_books(site, store.books()))
+        self._received = await self._threads.write(self._received_from_books)
         await self._threads.write(store.add_commit_listener, self._on_commit)
 
         bootstrap = [a for a in [await self._resolve_one(a) for a in cfg.bootstrap] if a is not None]
@@ -394,16 +449,18 @@ class GossipRuntime:
         self._next_reconnect = now + s.reconnect_interval
         self._join(self._seeds, now)
         if self._registry is not None:
-            self._collector = GossipCollector(self)
-            self._registry.register(self._collector)
+            attach_metrics(self._registry, self)
+            self._metrics_attached = True
         self._timer_task = self._spawn(self._timer_loop(), "gossip-timers")
         self._spawn(self._merge_loop(), "gossip-merge")
         self._spawn(self._local_loop(), "gossip-local")
-        log.info(
-            "gossip: node %s listening on %s (advertised %s), %s, %d seed(s), incarnation %d",
+        self._log.info(
+            "gossip: node %s listening on %s (advertised %s), cluster %d (%s), %s, %d seed(s), incarnation %d",
             self.node_id,
             _fmt(self.bound),
             _fmt(self.addr),
+            cfg.cluster_id,
+            f"{self.scope} scope" if self.scope else "every scope",
             "plaintext"
             if cfg.plaintext
             else f"encrypted (key {fingerprint(self.keyring.primary) if self.keyring else '?'})",
@@ -439,11 +496,10 @@ class GossipRuntime:
             try:
                 await asyncio.to_thread(save_peers, self.peers_file, self._snapshot_peers())
             except OSError as e:
-                log.warning("cannot write the members file %s: %s", self.peers_file, e)
-        if self._collector is not None and self._registry is not None:
-            with contextlib.suppress(KeyError):
-                self._registry.unregister(self._collector)
-            self._collector = None
+                self._log.warning("cannot write the members file %s: %s", self.peers_file, e)
+        if self._metrics_attached and self._registry is not None:
+            detach_metrics(self._registry, self)
+            self._metrics_attached = False
 
     async def _leave(self, m: Membership, loop: asyncio.AbstractEventLoop) -> None:
         """Tell the cluster we are going, and wait (bounded) until the news went out."""
@@ -465,7 +521,7 @@ class GossipRuntime:
             now = loop.time()
             m.handle_timer(now)
             self._pump_membership(now)
-        log.info("gossip: left the cluster")
+        self._log.info("gossip: left the cluster")
 
     async def _close_sockets(self) -> None:
         if self._server is not None:
@@ -491,7 +547,7 @@ class GossipRuntime:
                 self._loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM), self.settings.connect_timeout
             )
         except (OSError, TimeoutError) as e:
-            log.warning("cannot resolve %s:%d: %s", host, port, e)
+            self._log.warning("cannot resolve %s:%d: %s", host, port, e)
             return None
         for _family, _type, _proto, _name, sockaddr in infos:
             return (str(sockaddr[0]), int(sockaddr[1]))
@@ -507,7 +563,7 @@ class GossipRuntime:
         self._tasks.discard(task)
         if not task.cancelled() and (exc := task.exception()) is not None:
             self.stats.internal_errors += 1
-            log.error("gossip task %s failed", task.get_name(), exc_info=exc)
+            self._log.error("gossip task %s failed", task.get_name(), exc_info=exc)
 
     # ------------------------------------------------------------------------------------------ queries
 
@@ -551,12 +607,12 @@ class GossipRuntime:
 
     async def status(self) -> dict[str, Any]:
         """Replication state and counters, for the admin socket and tests."""
-        store = self._store
+        store, scope = self._store, self.scope
 
         def books_summary() -> tuple[dict[str, int], int, int]:
             heads: dict[str, int] = {}
             gaps = partials = 0
-            for actor, b in store.books().items():
+            for actor, b in (store.books(scope) if scope is not None else store.books()).items():
                 head = b.head
                 if head:
                     heads[actor.hex()] = head
@@ -567,8 +623,10 @@ class GossipRuntime:
         heads, gaps, partials = await self._threads.write(books_summary)
         b = self.broadcaster
         return {
+            "scope": self.scope or "all",
             "node_id": self.node_id,
             "addr": _fmt(self.addr) if self.addr else None,
+            "cluster_id": self.config.cluster_id,
             "members_alive": self.member_count(),
             "heads": heads,
             "gaps": gaps,
@@ -627,12 +685,14 @@ class GossipRuntime:
 
     def fault_block(self, addrs: Iterable[Addr]) -> list[str]:
         self.faults.block(addrs)
-        log.warning("fault injection: blocking %s", ", ".join(sorted(_fmt(a) for a in self.faults.blocked)))
+        self._log.warning(
+            "fault injection: blocking %s", ", ".join(sorted(_fmt(a) for a in self.faults.blocked))
+        )
         return sorted(_fmt(a) for a in self.faults.blocked)
 
     def fault_heal(self) -> None:
         if self.faults.blocked:
-            log.warning("fault injection: healed")
+            self._log.warning("fault injection: healed")
         self.faults.heal()
 
     async def keys(self, action: str, key: str | None = None) -> dict[str, Any]:
@@ -674,7 +734,7 @@ class GossipRuntime:
                     except KeyringError:
                         undo()
                         raise
-                    log.info("keyring: %s key %s", action, fingerprint(key))
+                    self._log.info("keyring: %s key %s", action, fingerprint(key))
             return {
                 "changed": changed,
                 "primary": fingerprint(keyring.primary),
@@ -716,7 +776,7 @@ class GossipRuntime:
                 return
         except Exception:  # a bug must cost one datagram, never the loop
             self.stats.internal_errors += 1
-            log.exception("handling a datagram from %s failed", _fmt(addr))
+            self._log.exception("handling a datagram from %s failed", _fmt(addr))
             return
         self._poke()
 
@@ -732,7 +792,7 @@ class GossipRuntime:
             transport.sendto(packet, addr)
         except (OSError, ValueError) as e:
             self.stats.send_errors += 1
-            log.debug("sending to %s failed: %s", _fmt(addr), e)
+            self._log.debug("sending to %s failed: %s", _fmt(addr), e)
             return
         self.stats.datagrams_out += 1
 
@@ -747,7 +807,7 @@ class GossipRuntime:
         if isinstance(event, JoinFailed):
             self._join_pending = False
             if self.membership.num_alive() <= 1:
-                log.warning(
+                self._log.warning(
                     "gossip: no seed answered after %d attempts; trying again in %.0f s",
                     event.attempts,
                     self._rejoin_backoff,
@@ -761,18 +821,18 @@ class GossipRuntime:
             self._join_pending = False
             self._rejoin_at = None
             self._rejoin_backoff = self.settings.rejoin_backoff_initial
-            log.info(
+            self._log.info(
                 "member up: %s at %s (region %r)", info.id, _fmt(info.addr), info.metadata.get("region", "")
             )
             self._want_urgent_sync(info, now)
         elif isinstance(event, MemberDown):
-            log.warning("member down: %s at %s", info.id, _fmt(info.addr))
+            self._log.warning("member down: %s at %s", info.id, _fmt(info.addr))
         elif isinstance(event, MemberLeft):
-            log.info("member left: %s at %s", info.id, _fmt(info.addr))
+            self._log.info("member left: %s at %s", info.id, _fmt(info.addr))
         elif isinstance(event, MemberSuspect):
-            log.info("member suspect: %s at %s", info.id, _fmt(info.addr))
+            self._log.info("member suspect: %s at %s", info.id, _fmt(info.addr))
         else:
-            log.info("member updated (restarted?): %s at %s", info.id, _fmt(info.addr))
+            self._log.info("member updated (restarted?): %s at %s", info.id, _fmt(info.addr))
             self._want_urgent_sync(info, now)
 
     def _join(self, seeds: list[Addr], now: float) -> None:
@@ -810,7 +870,7 @@ class GossipRuntime:
                 self._step(now)
             except Exception:
                 self.stats.internal_errors += 1
-                log.exception("gossip timer step failed")
+                self._log.exception("gossip timer step failed")
                 # A deadline that raises stays due: pause rather than spin on it.
                 self._sleep_until = now + 0.1
                 await asyncio.sleep(0.1)
@@ -853,7 +913,7 @@ class GossipRuntime:
         self._sync_step(now)
         if self._rejoin_at is not None and now >= self._rejoin_at:
             self._rejoin_at = None
-            log.info("gossip: joining again")
+            self._log.info("gossip: joining again")
             self.rejoin()
         if now >= self._next_reconnect:
             self._reconnect(now)
@@ -874,7 +934,7 @@ class GossipRuntime:
         dead = [i for i in self.membership.members() if i.state is MemberState.DEAD]
         if dead:
             target = self._rng.choice(dead)
-            log.debug("gossip: reconnecting to %s at %s", target.id, _fmt(target.addr))
+            self._log.debug("gossip: reconnecting to %s at %s", target.id, _fmt(target.addr))
             self.membership.join([target.addr], now)
             self._pump_membership(now)
 
@@ -904,48 +964,55 @@ class GossipRuntime:
         try:
             await asyncio.to_thread(save_peers, self.peers_file, saved)
         except OSError as e:
-            log.warning("cannot write the members file %s: %s", self.peers_file, e)
+            self._log.warning("cannot write the members file %s: %s", self.peers_file, e)
         finally:
             self._persisting = False
 
     # ------------------------------------------------------------------------------------------ local writes
 
-    def _on_commit(self, notice: Any) -> None:
-        """Store commit listener, on the writer thread: post new local versions to the loop. Never
-        raises: the transaction has committed, and its client must hear so."""
-        version = getattr(notice, "local_version", None)
-        if version is None or self._closing or self._loop is None:
+    def _on_commit(self, notice: CommitNotice) -> None:
+        """Store commit listener, on the writer thread: post new local versions of this runtime's actors
+        to the loop (a commit writing both scopes made one version per scope actor; each runtime takes
+        its own). Never raises: the transaction has committed, and its client must hear so."""
+        if self._closing or self._loop is None:
+            return
+        mine = [(a, v) for a, v in notice.versions.items() if a in self._own_actors]
+        if not mine:
             return
         with contextlib.suppress(RuntimeError):  # the loop is closing
-            self._loop.call_soon_threadsafe(self._local_version, version)
+            for actor, version in mine:
+                self._loop.call_soon_threadsafe(self._local_version, actor, version)
 
-    def _local_version(self, version: int) -> None:
-        if self._local_range is None:
+    def _local_version(self, actor: bytes, version: int) -> None:
+        current = self._local_ranges.get(actor)
+        if current is None:
             lo = hi = version
         else:
-            lo, hi = min(self._local_range[0], version), max(self._local_range[1], version)
+            lo, hi = min(current[0], version), max(current[1], version)
         backlog = self.settings.local_backlog_versions
         if hi - lo + 1 > backlog:
             self.stats.local_skipped += hi - lo + 1 - backlog
             lo = hi - backlog + 1
-        self._local_range = (lo, hi)
+        self._local_ranges[actor] = (lo, hi)
         self._local_wake.set()
 
     async def _local_loop(self) -> None:
         """Read new local versions' change sets on the writer thread and hand them to the broadcaster."""
         assert self._loop is not None
-        store, site = self._store, self.site_id
+        store = self._store
         while True:
             await self._local_wake.wait()
             self._local_wake.clear()
-            while self._local_range is not None:
-                lo, hi = self._local_range
+            while self._local_ranges:
+                actor = next(iter(self._local_ranges))
+                lo, hi = self._local_ranges.pop(actor)
                 end = min(hi, lo + 255)
-                self._local_range = None if end >= hi else (end + 1, hi)
+                if end < hi:
+                    self._local_ranges[actor] = (end + 1, hi)
                 try:
-                    changesets = await self._threads.write(store.changesets_for, site, lo, end)
+                    changesets = await self._threads.write(store.changesets_for, actor, lo, end)
                 except Exception:
-                    log.exception("reading local versions %d..%d for broadcast failed", lo, end)
+                    self._log.exception("reading local versions %d..%d for broadcast failed", lo, end)
                     continue
                 now = self._loop.time()
                 for cs in changesets:
@@ -989,10 +1056,13 @@ class GossipRuntime:
 
     async def _merge(self, batch: list[Changeset], source: str) -> MergeResult | None:
         try:
-            result = await self._threads.write(self._store.merge, batch)
+            if self.scope is None:
+                result = await self._threads.write(self._store.merge, batch)
+            else:
+                result = await self._threads.write(self._store.merge, batch, self.scope)
         except Exception as e:
             self.stats.merge_failures += 1
-            log.error("merging %d change set(s) from %s failed: %s", len(batch), source, e)
+            self._log.error("merging %d change set(s) from %s failed: %s", len(batch), source, e)
             await self._reload_received()
             return None
         for actor, version in result.applied_versions:
@@ -1001,22 +1071,26 @@ class GossipRuntime:
             self.stats.merge_rejected += 1
             self.broadcaster.discard(actor, version)
             self._received.forget(actor, version)
-            log.warning("refused version %d of %s (%s): %s", version, actor.hex(), source, reason)
+            self._log.warning("refused version %d of %s (%s): %s", version, actor.hex(), source, reason)
         self.stats.changes_merged[source] += result.changes_applied
         self.stats.versions_merged[source] += len(result.applied_versions)
         return result
 
     async def _reload_received(self) -> None:
         """After a failed merge: start again from the store's books (plus what is still queued)."""
-        store, site = self._store, self.site_id
         try:
-            fresh = await self._threads.write(lambda: ReceivedVersions.from_books(site, store.books()))
+            fresh = await self._threads.write(self._received_from_books)
         except Exception:
-            log.exception("reloading the bookkeeping failed")
+            self._log.exception("reloading the bookkeeping failed")
             return
         for cs in self._merge_queue:
             fresh.record(cs)
         self._received = fresh
+
+    def _received_from_books(self) -> ReceivedVersions:
+        """On the writer thread: the loop's copy of this runtime's scope's bookkeeping."""
+        books = self._store.books(self.scope) if self.scope is not None else self._store.books()
+        return ReceivedVersions.from_books(self.site_id, books, also_own=self._own_actors)
 
     async def _merge_synced(self, pieces: list[Changeset]) -> int:
         """Merge what a sync session brought; return how many versions were new (for the scheduler)."""
@@ -1074,7 +1148,7 @@ class GossipRuntime:
                 or mid in self._client_sessions
                 or mid in scheduler.in_flight
             ):
-                log.debug("urgent sync with %s skipped (%s)", mid, info.state.value if info else "gone")
+                self._log.debug("urgent sync with %s skipped (%s)", mid, info.state.value if info else "gone")
                 continue
             self._urgent_last[mid] = now
             self._spawn(self._urgent_sync(info), "gossip-sync-urgent")
@@ -1084,7 +1158,7 @@ class GossipRuntime:
 
     def _build_state(self) -> SyncState:
         """On the writer thread: what this node has and lacks."""
-        return build_sync_state(self._store, self.site_id, self._writer_rng, self.settings.sync)
+        return build_sync_state(self._source, self.site_id, self._writer_rng, self.settings.sync)
 
     async def _sync_round(self, peers: list[MemberInfo]) -> None:
         assert self._loop is not None and self._scheduler is not None
@@ -1094,7 +1168,7 @@ class GossipRuntime:
         try:
             state = await self._threads.write(self._build_state)
         except Exception:
-            log.exception("building the sync state failed")
+            self._log.exception("building the sync state failed")
             for p in peers:
                 self._client_sessions.pop(p.id, None)
                 scheduler.session_done(p.id, loop.time(), ok=False, received=0)
@@ -1120,7 +1194,7 @@ class GossipRuntime:
             state = await self._threads.write(self._build_state)
         except Exception:
             self._client_sessions.pop(peer.id, None)
-            log.exception("building the sync state failed")
+            self._log.exception("building the sync state failed")
             return
         await self._sync_session(peer, state)
 
@@ -1138,7 +1212,7 @@ class GossipRuntime:
         except ValueError as e:  # a state larger than a request may be: the next round trims differently
             self._client_sessions.pop(peer.id, None)
             self.stats.count_session("client", "request_too_large")
-            log.warning("sync state too large for one request: %s", e)
+            self._log.warning("sync state too large for one request: %s", e)
             return False, 0
         try:
             if self.faults.blocks(addr):
@@ -1151,7 +1225,7 @@ class GossipRuntime:
                 )
             except (OSError, TimeoutError) as e:
                 self.stats.count_session("client", "connect")
-                log.debug("sync: cannot connect to %s at %s: %s", peer.id, _fmt(addr), e)
+                self._log.debug("sync: cannot connect to %s at %s: %s", peer.id, _fmt(addr), e)
                 return False, 0
             faults = self.faults
             stream = SealedStream(
@@ -1190,7 +1264,7 @@ class GossipRuntime:
                     received += await self._merge_synced(pieces)
         except Exception:
             self.stats.internal_errors += 1
-            log.exception("sync session with %s failed", peer.id)
+            self._log.exception("sync session with %s failed", peer.id)
             client.abort("internal error")
         finally:
             self._client_sessions.pop(peer.id, None)
@@ -1198,17 +1272,17 @@ class GossipRuntime:
                 await stream.aclose()
         ok = client.phase is Phase.DONE
         error = client.error
-        log.debug("sync with %s: ok=%s, %d new", peer.id, ok, received)
+        self._log.debug("sync with %s: ok=%s, %d new", peer.id, ok, received)
         self.stats.count_session("client", "ok" if ok else (error.kind.value if error else "aborted"))
         if error is not None:
-            log.debug("sync with %s failed (%s): %s", peer.id, error.kind.value, error.reason)
+            self._log.debug("sync with %s failed (%s): %s", peer.id, error.kind.value, error.reason)
         elif received:
-            log.debug("sync with %s brought %d new version(s)", peer.id, received)
+            self._log.debug("sync with %s brought %d new version(s)", peer.id, received)
         return ok, received
 
     def _stream_failed(self, error: StreamError, peer: object) -> None:
         self.stats.count_stream_error(error.reason)
-        log.debug("sync stream with %s: %s", peer, error)
+        self._log.debug("sync stream with %s: %s", peer, error)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Serve one incoming sync session (the TCP listener's callback)."""
@@ -1226,7 +1300,7 @@ class GossipRuntime:
         stream = SealedStream(
             reader, writer, self.tcp_codec, session=None, sends=TO_CLIENT, io_timeout=s.io_timeout
         )
-        server = SyncServer(self._store, loop.time(), config=s.sync)
+        server = SyncServer(self._source, loop.time(), config=s.sync)
         result: str | None = None
         try:
             try:
@@ -1260,7 +1334,7 @@ class GossipRuntime:
                 self.server_stats.observe(server.abort(f"{e.reason}: {e.detail}"))
         except Exception:
             self.stats.internal_errors += 1
-            log.exception("serving a sync session to %s failed", peername)
+            self._log.exception("serving a sync session to %s failed", peername)
             server.abort("internal error")
         finally:
             self._server_sessions.discard(task)

@@ -4,13 +4,21 @@ The cores (membership, broadcaster, sync), the codecs and the runtime each keep 
 :class:`GossipCollector` reads them when Prometheus scrapes, so nothing is counted twice and the hot paths
 never touch a metrics library. It is registered in the agent's own registry (see
 :mod:`verdigris.api.metrics`), and runs on the event loop like everything else that reads the runtime.
+
+An agent in region mode runs two runtimes (one per scope) into one registry. Each metric family must then
+appear once, so one collector per registry (:func:`attach` / :func:`detach`) reports every runtime attached
+to it, and when any of them has a scope every sample carries a ``scope`` label (``regional``, ``global``;
+``all`` for an unscoped runtime). A single-cluster agent's metrics have no ``scope`` label, as before.
 """
 
 from __future__ import annotations
 
+import contextlib
+import weakref
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from verdigris.gossip.membership import MemberState
@@ -18,137 +26,196 @@ from verdigris.gossip.membership import MemberState
 if TYPE_CHECKING:
     from verdigris.runtime.gossip import GossipRuntime
 
-__all__ = ["GossipCollector"]
+__all__ = ["GossipCollector", "attach", "detach"]
+
+_SHARED: weakref.WeakKeyDictionary[CollectorRegistry, GossipCollector] = weakref.WeakKeyDictionary()
+
+
+def attach(registry: CollectorRegistry, runtime: GossipRuntime) -> None:
+    """Report ``runtime`` in ``registry`` (registering the registry's gossip collector on first use)."""
+    collector = _SHARED.get(registry)
+    if collector is None:
+        collector = _SHARED[registry] = GossipCollector()
+        registry.register(collector)
+    collector.add(runtime)
+
+
+def detach(registry: CollectorRegistry, runtime: GossipRuntime) -> None:
+    """Stop reporting ``runtime``; the collector leaves the registry with its last runtime."""
+    collector = _SHARED.get(registry)
+    if collector is None:
+        return
+    collector.remove(runtime)
+    if not collector.runtimes:
+        del _SHARED[registry]
+        with contextlib.suppress(KeyError):
+            registry.unregister(collector)
 
 
 class GossipCollector:
-    """Reads a :class:`~verdigris.runtime.gossip.GossipRuntime`'s counters at every scrape."""
+    """Reads the counters of one or more :class:`~verdigris.runtime.gossip.GossipRuntime` at every scrape."""
 
-    def __init__(self, runtime: GossipRuntime) -> None:
-        self._runtime = runtime
+    def __init__(self, *runtimes: GossipRuntime) -> None:
+        self.runtimes: list[GossipRuntime] = list(runtimes)
+
+    def add(self, runtime: GossipRuntime) -> None:
+        if runtime not in self.runtimes:
+            self.runtimes.append(runtime)
+
+    def remove(self, runtime: GossipRuntime) -> None:
+        if runtime in self.runtimes:
+            self.runtimes.remove(runtime)
 
     def collect(self) -> Iterable[Metric]:
-        rt = self._runtime
-        m = rt._membership
-        b = rt.broadcaster
-        st = rt.stats
+        runtimes = list(self.runtimes)
+        scoped = any(rt.scope is not None for rt in runtimes)
+        extra = ["scope"] if scoped else []
 
-        members = GaugeMetricFamily(
+        def family(
+            kind: type[CounterMetricFamily | GaugeMetricFamily], name: str, doc: str, labels: list[str]
+        ) -> Any:
+            return kind(name, doc, labels=extra + labels)
+
+        members = family(
+            GaugeMetricFamily,
             "verdigris_gossip_members",
             "Members known, by state (this node included, as alive).",
-            labels=["state"],
+            ["state"],
         )
-        counts = dict.fromkeys((s.value for s in MemberState), 0)
-        if m is not None:
-            for info in m.members():
-                counts[info.state.value] += 1
-            counts[MemberState.ALIVE.value] += 0 if m.has_left else 1
-        for state, n in counts.items():
-            members.add_metric([state], n)
-        yield members
-
-        bad = CounterMetricFamily(
+        bad = family(
+            CounterMetricFamily,
             "verdigris_gossip_bad_packets",
             "Packets and frames dropped as bad input, by transport and reason "
             "(envelope reasons from the codec, then undecodable payloads).",
-            labels=["transport", "reason"],
+            ["transport", "reason"],
         )
-        for transport, codec in (("udp", rt.udp_codec), ("tcp", rt.tcp_codec)):
-            for reason, n in codec.stats.items():
-                bad.add_metric([transport, reason], n)
-        bad.add_metric(["udp", "unknown_family"], st.unknown_family)
-        bad.add_metric(["udp", "membership_invalid"], m.stats.bad_packets if m is not None else 0)
-        bad.add_metric(["udp", "broadcast_invalid"], b.stats.bad_payloads)
-        yield bad
-
-        stream = CounterMetricFamily(
-            "verdigris_gossip_stream_errors", "Sync streams cut off, by reason.", labels=["reason"]
+        stream = family(
+            CounterMetricFamily,
+            "verdigris_gossip_stream_errors",
+            "Sync streams cut off, by reason.",
+            ["reason"],
         )
-        for reason, n in sorted(st.stream_errors.items()):
-            stream.add_metric([reason], n)
-        yield stream
-
-        datagrams = CounterMetricFamily(
-            "verdigris_gossip_datagrams", "Datagrams sent and received.", labels=["direction"]
+        datagrams = family(
+            CounterMetricFamily, "verdigris_gossip_datagrams", "Datagrams sent and received.", ["direction"]
         )
-        datagrams.add_metric(["in"], st.datagrams_in)
-        datagrams.add_metric(["out"], st.datagrams_out)
-        yield datagrams
-
-        faults = CounterMetricFamily(
+        faults = family(
+            CounterMetricFamily,
             "verdigris_gossip_fault_dropped",
             "Traffic dropped by fault injection (datagrams in/out, sync connections refused).",
-            labels=["what"],
+            ["what"],
         )
-        faults.add_metric(["datagram_in"], rt.faults.dropped_in)
-        faults.add_metric(["datagram_out"], rt.faults.dropped_out)
-        faults.add_metric(["connection"], rt.faults.refused)
-        yield faults
-
-        bs = b.stats
-        broadcasts = CounterMetricFamily(
+        broadcasts = family(
+            CounterMetricFamily,
             "verdigris_gossip_broadcasts",
             "Broadcast datagrams sent and received; dropped counts pieces (queue full, merge queue full).",
-            labels=["event"],
+            ["event"],
         )
-        broadcasts.add_metric(["sent"], bs.sent_payloads)
-        broadcasts.add_metric(["received"], bs.received_payloads)
-        broadcasts.add_metric(["dropped"], bs.dropped + st.merge_dropped)
-        yield broadcasts
-
-        pieces = CounterMetricFamily(
+        pieces = family(
+            CounterMetricFamily,
             "verdigris_gossip_broadcast_pieces",
             "Change set pieces through the broadcaster.",
-            labels=["event"],
+            ["event"],
         )
-        for event, n in (
-            ("local", bs.local_pieces),
-            ("received", bs.received_pieces),
-            ("new", bs.new_pieces),
-            ("duplicate", bs.duplicate_pieces),
-            ("transmitted", bs.transmissions),
-            ("expired", bs.expired),
-            ("dropped", bs.dropped),
-            ("oversized", bs.oversized),
-            ("discarded", bs.discarded),
-        ):
-            pieces.add_metric([event], n)
-        yield pieces
-
-        queue = GaugeMetricFamily("verdigris_gossip_queue", "Items waiting, by queue.", labels=["queue"])
-        queue.add_metric(["broadcast_pieces"], b.queued)
-        queue.add_metric(["broadcast_bytes"], b.queued_bytes)
-        queue.add_metric(["merge"], rt.queue_size())
-        yield queue
-
-        sessions = CounterMetricFamily(
+        queue = family(GaugeMetricFamily, "verdigris_gossip_queue", "Items waiting, by queue.", ["queue"])
+        sessions = family(
+            CounterMetricFamily,
             "verdigris_gossip_sync_sessions",
             "Sync sessions, by role and result (ok, or why they failed).",
-            labels=["role", "result"],
+            ["role", "result"],
         )
-        for (role, result), n in sorted(st.sessions.items()):
-            sessions.add_metric([role, result], n)
-        yield sessions
-
-        merged = CounterMetricFamily(
+        merged = family(
+            CounterMetricFamily,
             "verdigris_gossip_changes_merged",
             "Remote changes that won and were written, by source.",
-            labels=["source"],
+            ["source"],
         )
-        versions = CounterMetricFamily(
-            "verdigris_gossip_versions_merged", "Remote versions completed, by source.", labels=["source"]
+        versions = family(
+            CounterMetricFamily,
+            "verdigris_gossip_versions_merged",
+            "Remote versions completed, by source.",
+            ["source"],
         )
-        for source in sorted(st.changes_merged):
-            merged.add_metric([source], st.changes_merged[source])
-            versions.add_metric([source], st.versions_merged[source])
-        yield merged
-        yield versions
-
-        problems = CounterMetricFamily(
+        problems = family(
+            CounterMetricFamily,
             "verdigris_gossip_merge_problems",
             "Merges that failed, versions the store refused.",
-            labels=["kind"],
+            ["kind"],
         )
-        problems.add_metric(["failed"], st.merge_failures)
-        problems.add_metric(["rejected"], st.merge_rejected)
-        yield problems
+
+        for rt in runtimes:
+            p = [rt.scope or "all"] if scoped else []
+            m = rt._membership
+            b = rt.broadcaster
+            st = rt.stats
+
+            counts = dict.fromkeys((s.value for s in MemberState), 0)
+            if m is not None:
+                for info in m.members():
+                    counts[info.state.value] += 1
+                counts[MemberState.ALIVE.value] += 0 if m.has_left else 1
+            for state, n in counts.items():
+                members.add_metric([*p, state], n)
+
+            for transport, codec in (("udp", rt.udp_codec), ("tcp", rt.tcp_codec)):
+                for reason, n in codec.stats.items():
+                    bad.add_metric([*p, transport, reason], n)
+            bad.add_metric([*p, "udp", "unknown_family"], st.unknown_family)
+            bad.add_metric([*p, "udp", "membership_invalid"], m.stats.bad_packets if m is not None else 0)
+            bad.add_metric([*p, "udp", "broadcast_invalid"], b.stats.bad_payloads)
+
+            for reason, n in sorted(st.stream_errors.items()):
+                stream.add_metric([*p, reason], n)
+
+            datagrams.add_metric([*p, "in"], st.datagrams_in)
+            datagrams.add_metric([*p, "out"], st.datagrams_out)
+
+            faults.add_metric([*p, "datagram_in"], rt.faults.dropped_in)
+            faults.add_metric([*p, "datagram_out"], rt.faults.dropped_out)
+            faults.add_metric([*p, "connection"], rt.faults.refused)
+
+            bs = b.stats
+            broadcasts.add_metric([*p, "sent"], bs.sent_payloads)
+            broadcasts.add_metric([*p, "received"], bs.received_payloads)
+            broadcasts.add_metric([*p, "dropped"], bs.dropped + st.merge_dropped)
+
+            for event, n in (
+                ("local", bs.local_pieces),
+                ("received", bs.received_pieces),
+                ("new", bs.new_pieces),
+                ("duplicate", bs.duplicate_pieces),
+                ("transmitted", bs.transmissions),
+                ("expired", bs.expired),
+                ("dropped", bs.dropped),
+                ("oversized", bs.oversized),
+                ("discarded", bs.discarded),
+            ):
+                pieces.add_metric([*p, event], n)
+
+            queue.add_metric([*p, "broadcast_pieces"], b.queued)
+            queue.add_metric([*p, "broadcast_bytes"], b.queued_bytes)
+            queue.add_metric([*p, "merge"], rt.queue_size())
+
+            for (role, result), n in sorted(st.sessions.items()):
+                sessions.add_metric([*p, role, result], n)
+
+            for source in sorted(st.changes_merged):
+                merged.add_metric([*p, source], st.changes_merged[source])
+                versions.add_metric([*p, source], st.versions_merged[source])
+
+            problems.add_metric([*p, "failed"], st.merge_failures)
+            problems.add_metric([*p, "rejected"], st.merge_rejected)
+
+        yield from (
+            members,
+            bad,
+            stream,
+            datagrams,
+            faults,
+            broadcasts,
+            pieces,
+            queue,
+            sessions,
+            merged,
+            versions,
+            problems,
+        )

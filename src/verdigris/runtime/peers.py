@@ -56,8 +56,11 @@ class SavedPeers(msgspec.Struct, frozen=True):
 _decoder = msgspec.json.Decoder(SavedPeers)
 
 
-def peers_path(db_path: Path) -> Path:
-    """Where the members file of the database at ``db_path`` lives."""
+def peers_path(db_path: Path, scope: str | None = None) -> Path:
+    """Where the members file of the database at ``db_path`` lives: ``<db>.members.json`` for the node's
+    only cluster or its regional one, ``<db>.global.members.json`` for the global cluster of region mode."""
+    if scope == "global":
+        return db_path.with_name(db_path.name + ".global.members.json")
     return db_path.with_name(db_path.name + ".members.json")
 
 

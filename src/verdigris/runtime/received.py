@@ -17,7 +17,7 @@ by sync, which reads the store's own books.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from verdigris.store.ranges import RangeSet
 from verdigris.store.store import ActorBooks
@@ -29,15 +29,19 @@ __all__ = ["ReceivedVersions"]
 class ReceivedVersions:
     """Per actor: complete versions, and seq ranges of versions received in part."""
 
-    def __init__(self, own_actor: bytes) -> None:
+    def __init__(self, own_actor: bytes, *, also_own: Iterable[bytes] = ()) -> None:
         self.own_actor = own_actor
+        self.own_actors = frozenset((own_actor, *also_own))
+        """Every actor of this node this runtime carries (one per scope in a single cluster)."""
         self._known: dict[bytes, RangeSet] = {}
         self._partials: dict[tuple[bytes, int], tuple[RangeSet, int]] = {}
 
     @classmethod
-    def from_books(cls, own_actor: bytes, books: Mapping[bytes, ActorBooks]) -> ReceivedVersions:
+    def from_books(
+        cls, own_actor: bytes, books: Mapping[bytes, ActorBooks], *, also_own: Iterable[bytes] = ()
+    ) -> ReceivedVersions:
         """A copy of the store's bookkeeping. Call it where the books are stable (the writer thread)."""
-        out = cls(own_actor)
+        out = cls(own_actor, also_own=also_own)
         for actor, b in books.items():
             out._known[actor] = RangeSet(list(b.known))
             for version, (seqs, last) in b.partials.items():
@@ -46,7 +50,7 @@ class ReceivedVersions:
 
     def is_new(self, actor: bytes, version: int, seqs: tuple[int, int]) -> bool:
         """The broadcaster's ``is_new``: would this piece teach this node something?"""
-        if actor == self.own_actor:
+        if actor in self.own_actors:
             return False  # our own versions come from our own store, never from the network
         known = self._known.get(actor)
         if known is not None and version in known:
