@@ -74,7 +74,17 @@ class Agent:
 
 
 class Proxy:
-    def __init__(self, tmp: Path, agent_url: str, *, workers: int = 2, name: str = "proxy") -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        agent_url: str,
+        *,
+        workers: int = 2,
+        name: str = "proxy",
+        extra: str = "",
+        timeouts: str = "connect = 1.0\nresponse = 5.0\nqueue = 0.4\ndrain = 5.0\nheader_read = 0.5\n",
+    ) -> None:
+        """``extra``: more lines of the ``[proxy]`` section; ``timeouts``: the ``[proxy.timeouts]`` lines."""
         self.port = free_port()
         self.config = tmp / f"{name}.toml"
         self.config.write_text(
@@ -82,9 +92,7 @@ class Proxy:
             f'listen = "127.0.0.1:{self.port}"\n'
             f"workers = {workers}\n"
             f'agent = "{agent_url}"\n'
-            'region = "ams"\n'
-            "[proxy.timeouts]\n"
-            "connect = 1.0\nresponse = 5.0\nqueue = 0.4\ndrain = 5.0\nheader_read = 0.5\n"
+            'region = "ams"\n' + extra + "[proxy.timeouts]\n" + timeouts
         )
         self.log = open(tmp / f"{name}.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(

@@ -232,7 +232,8 @@ def test_slow_headers_time_out_and_bad_requests_are_refused(env: Env) -> None:
             data += chunk
         assert data.startswith(b"HTTP/1.1 400 ") and b"bad_request" in data
     with socket.create_connection(("127.0.0.1", env.proxy.port), timeout=WAIT) as s:
-        s.sendall(b"GET / HTTP/1.1\r\nHost: web.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+        # only WebSocket upgrades are tunnelled (tests/test_proxy_upgrade.py); h2c never is
+        s.sendall(b"GET / HTTP/1.1\r\nHost: web.test\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n")
         data = b""
         while chunk := s.recv(4096):
             data += chunk
@@ -302,12 +303,13 @@ def test_sigterm_drains_in_flight_requests(env: Env) -> None:
     assert out == [200]
 
 
-def test_worker_table_shares_limits_between_workers() -> None:
-    from verdigris.proxy.server import WorkerTable
+def test_workers_enforce_the_apps_own_limits() -> None:
+    """Load counts are shared between the workers (tests/test_proxy_shared_load.py): each enforces the
+    app's limits themselves, not a share of them."""
+    from verdigris.proxy.config import ProxyConfig
+    from verdigris.proxy.server import Worker
 
-    table = WorkerTable(workers=2)
-    assert table.load("apps", [["web", "o", "requests", 20, 25], ["free", "o", "requests", 0, 0]]) == []
-    web, free = table.app("web"), table.app("free")
-    assert web is not None and (web.soft_limit, web.hard_limit) == (10, 13)
-    assert free is not None and (free.soft_limit, free.hard_limit) == (0, 0)  # 0 stays "no limit"
-    assert WorkerTable(workers=1).app("web") is None
+    table = Worker(ProxyConfig(workers=2)).table
+    assert table.load("apps", [["web", "o", "requests", 20, 25]]) == []
+    web = table.app("web")
+    assert web is not None and (web.soft_limit, web.hard_limit) == (20, 25)

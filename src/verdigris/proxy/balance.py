@@ -21,12 +21,16 @@ The rules, and why:
   any remote one.
 * **Least loaded, limits honoured.** Load is the number of in-flight slots the :class:`LoadTracker` has
   handed out for an instance, in the app's unit (``requests``: one per request; ``connections``: one per
-  upstream connection). Instances below ``soft_limit`` are preferred; one at or over it gets traffic only
-  when all candidates are; one at ``hard_limit`` gets none. Among the least loaded, ties are broken by the
-  injected ``random.Random``, so a run is reproducible from its seed. A limit of 0 means no limit.
+  client connection, held by the server while it lasts). With several worker processes the tracker is a
+  :class:`~verdigris.proxy.shared_load.SharedLoadTracker` and loads are totals over every worker.
+  Instances below ``soft_limit`` are preferred; one at or over it gets traffic only when all candidates
+  are; one at ``hard_limit`` gets none. Among the least loaded, ties are broken by the injected
+  ``random.Random``, so a run is reproducible from its seed. A limit of 0 means no limit.
 * **The slot is taken in the decision.** A :class:`Route` carries the :class:`Slot` it acquired, so no
   caller can route past the hard limit by forgetting to count; :meth:`Slot.release` is idempotent, so no
-  caller can release twice.
+  caller can release twice. Under a hard limit the slot is taken with
+  :meth:`LoadTracker.try_acquire` (atomic across workers): if another worker took the last slot since
+  the loads were read, the choice is made again.
 * **Then the nearest region**, by the ``distances`` map (RTT from this region; unknown = farthest, ties
   at random), among the regions the app is in (global summary plus the table's own instances). A request
   that was already forwarded once (``may_forward=False``) is never forwarded again: one hop at most.
@@ -48,7 +52,7 @@ from __future__ import annotations
 import math
 import random
 import re
-from collections.abc import Container, Iterable, Iterator, Mapping
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Final, TypeAlias
 
@@ -168,20 +172,30 @@ class Slot:
 
 
 class LoadTracker:
-    """In-flight slots per instance (this worker's share of the load)."""
+    """In-flight slots per instance, counted in this process (a single worker, unit tests).
+    :class:`~verdigris.proxy.shared_load.SharedLoadTracker` counts across worker processes."""
 
     def __init__(self) -> None:
         self._load: dict[str, int] = {}
         self.total = 0
+        """Slots this tracker handed out and that are not released."""
+        self.lookup: Callable[[str, int], int] = self._load.get
+        """``lookup(instance_id, 0)``: the load, in the fastest form (the balancer's hot path)."""
 
     def load(self, instance_id: str) -> int:
         return self._load.get(instance_id, 0)
 
     def acquire(self, instance_id: str) -> Slot:
-        """Take a slot unconditionally (the balancer checks limits before it calls this)."""
+        """Take a slot unconditionally (no limit to honour)."""
         self._load[instance_id] = self._load.get(instance_id, 0) + 1
         self.total += 1
         return Slot(self, instance_id)
+
+    def try_acquire(self, instance_id: str, limit: int) -> Slot | None:
+        """Take a slot if the load is below ``limit`` (0: no limit), atomically; else ``None``."""
+        if 0 < limit <= self._load.get(instance_id, 0):
+            return None
+        return self.acquire(instance_id)
 
     def _release(self, instance_id: str) -> None:
         n = self._load.get(instance_id, 0) - 1
@@ -371,6 +385,8 @@ class _FullType:
 
 
 _FULL: Final = _FullType()
+_TAKE_ATTEMPTS: Final = 4
+"""Choices per region when the chosen instance's last slot is taken meanwhile (by another worker)."""
 
 
 class Balancer:
@@ -422,9 +438,9 @@ class Balancer:
         full = blocked = False
         first = req.regions[0] if req.regions else None
         if first == ANY_REGION or first == self.region:  # the usual request: this region first, no walk
-            pick = self._pick_local(app, req, now)
-            if isinstance(pick, Instance):
-                return self._route(pick, acquire)
+            pick = self._take_local(app, req, now, acquire)
+            if isinstance(pick, Route):
+                return pick
             full = pick is _FULL
             tried.add(self.region)
         for region in self._steps(app.name, req.regions):
@@ -432,9 +448,9 @@ class Balancer:
                 continue
             tried.add(region)
             if region == self.region:
-                pick = self._pick_local(app, req, now)
-                if isinstance(pick, Instance):
-                    return self._route(pick, acquire)
+                pick = self._take_local(app, req, now, acquire)
+                if isinstance(pick, Route):
+                    return pick
                 full = full or pick is _FULL
             elif region in self.table.regions(app.name):
                 if req.may_forward:
@@ -471,8 +487,28 @@ class Balancer:
 
     # -------------------------------------------------------------------------------- internals
 
-    def _route(self, inst: Instance, acquire: bool) -> Route:
-        return Route(inst, self.load.acquire(inst.id) if acquire else None)
+    def _route(self, inst: Instance, acquire: bool, hard_limit: int) -> Route | None:
+        """A Route holding a slot of ``inst`` (with ``acquire``), or ``None`` if it is at its hard limit
+        after all: the tracker takes the slot atomically, and other workers may have taken the last one
+        since the loads were read."""
+        if not acquire:
+            return Route(inst, None)
+        if hard_limit <= 0:
+            return Route(inst, self.load.acquire(inst.id))
+        slot = self.load.try_acquire(inst.id, hard_limit)
+        return None if slot is None else Route(inst, slot)
+
+    def _take_local(self, app: App, req: RouteRequest, now: float, acquire: bool) -> Route | _FullType | None:
+        """:meth:`_pick_local`, and its slot. When the slot is gone by the time it is taken (another worker
+        took it), choose again with the new loads, a few times at most, then call the region full."""
+        for _ in range(_TAKE_ATTEMPTS):
+            pick = self._pick_local(app, req, now)
+            if not isinstance(pick, Instance):
+                return pick
+            route = self._route(pick, acquire, app.hard_limit)
+            if route is not None:
+                return route
+        return _FULL
 
     def _steps(self, app: str, regions: tuple[str, ...]) -> Iterator[str]:
         """Regions to try, in order; ``any`` expands (lazily: the local pick usually ends the walk) to
@@ -496,7 +532,7 @@ class Balancer:
         limit), ``_FULL`` when usable ones exist but all are at their hard limit, else ``None``. The hot
         path of every request: one pass over the healthy local instances, no allocation but the pools."""
         hard, soft = app.hard_limit, app.soft_limit
-        loads = self.load._load
+        lookup = self.load.lookup
         ejected = self.outliers._state  # usually empty: skip the lookup entirely then
         exclude = req.exclude
         under: list[Instance] = []  # below the soft limit, least loaded so far
@@ -513,7 +549,7 @@ class Balancer:
                 if st is not None and now < st.ejected_until:
                     continue
             seen = True
-            n = loads.get(iid, 0)
+            n = lookup(iid, 0)
             if 0 < hard <= n:
                 continue
             if soft <= 0 or n < soft:
@@ -555,16 +591,17 @@ class Balancer:
                 ErrorCode.INSTANCE_UNAVAILABLE,
                 f"instance {iid} is ejected after failures for {until - now:.1f} s more",
             )
+        full = Queue(app.name, iid, f"instance {iid} is at its hard limit ({app.hard_limit})")
         if not self.below_hard_limit(app, iid):
-            return Queue(app.name, iid, f"instance {iid} is at its hard limit ({app.hard_limit})")
-        return self._route(inst, acquire)
+            return full
+        return self._route(inst, acquire, app.hard_limit) or full
 
     def _preferred(self, app: App, iid: str, req: RouteRequest, now: float, acquire: bool) -> Decision | None:
         inst = self.table.instance(iid)
         if inst is None or inst.app != app.name or not self.usable(inst, req, now):
             return None
         if inst.region == self.region:
-            return self._route(inst, acquire) if self.below_hard_limit(app, iid) else None
+            return self._route(inst, acquire, app.hard_limit) if self.below_hard_limit(app, iid) else None
         if req.may_forward and (ANY_REGION in req.regions or inst.region in req.regions):
             return Forward(inst.region, app.name, iid, f"preferred instance {iid} is in {inst.region}")
         return None

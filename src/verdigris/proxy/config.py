@@ -7,14 +7,22 @@
     workers = 2
     agent = "http://127.0.0.1:8080"  # the local agent, whose subscriptions feed the routing table
     region = "ams"
+    max_header_bytes = 65536         # request line + headers; beyond: 431
+    max_request_line_bytes = 8192    # method + URL + version; beyond: 414
+    metrics_listen = "127.0.0.1:9100"  # optional: the supervisor serves Prometheus text at /metrics
+    probe_interval = 0.25            # seconds between the supervisor's probes of each worker
+    probe_deadline = 1.0             # a worker that does not answer a probe within this is stuck
 
     [proxy.timeouts]                 # seconds
     header_read = 10.0
+    body_read = 60.0                 # a request body with no byte for this long: 408, connection closed
     idle = 60.0
     connect = 5.0
     response = 60.0
     queue = 5.0
-    drain = 10.0
+    drain = 10.0                     # SIGTERM: in-flight requests (and open tunnels) get this long
+    send = 60.0                      # a client not reading what we have to write: aborted after this
+    tunnel_idle = 300.0              # a WebSocket tunnel with no byte either way: closed after this
 
 Validation is strict, as for the agent's file: an unknown key or a value of the wrong type is an error,
 and every problem is reported in one :class:`ProxyConfigError`.
@@ -38,6 +46,9 @@ class ProxyConfigError(Exception):
 class ProxyTimeouts:
     header_read: float = 10.0
     """From the first byte of a request to the end of its headers."""
+    body_read: float = 60.0
+    """The longest wait for more of a request body the client still owes (a stalled upload:
+    408, connection closed, so that it cannot hold an instance's slot forever)."""
     idle: float = 60.0
     """A keep-alive client connection with no request in flight."""
     connect: float = 5.0
@@ -47,7 +58,12 @@ class ProxyTimeouts:
     queue: float = 5.0
     """How long a request waits for a slot when every instance is at its hard limit."""
     drain: float = 10.0
-    """On SIGTERM: how long in-flight requests may take to finish."""
+    """On SIGTERM: how long in-flight requests may take to finish (open tunnels are closed after it)."""
+    send: float = 60.0
+    """How long a client may leave us unable to write (its socket full: it is not reading) while there
+    is more to send; then the client connection and the upstream one are aborted."""
+    tunnel_idle: float = 300.0
+    """A WebSocket (Upgrade) tunnel with no byte in either direction for this long is closed."""
 
 
 @dataclass(frozen=True)
@@ -73,11 +89,38 @@ class ProxyConfig:
     pool_idle: int = 16
     """Idle keep-alive connections kept per instance, per worker."""
     max_header_bytes: int = 64 * 1024
+    """Request line + headers; beyond: 431."""
+    max_request_line_bytes: int = 8192
+    """Method + URL + version; beyond: 414 uri_too_long."""
+    load_cells: int = 1 << 18
+    """Counters per worker in the load counts shared by the workers (``verdigris.proxy.shared_load``):
+    more cells, fewer instances sharing one (a collision makes an instance look busier than it is)."""
+    metrics_listen: Addr | None = None
+    """Where the supervisor serves ``/metrics`` (Prometheus text); none by default."""
+    probe_interval: float = 0.25
+    """Seconds between the supervisor's probes of each worker over its control channel."""
+    probe_deadline: float = 1.0
+    """A probe not answered within this is a probe timeout (logged and counted); also the limit on a
+    worker's answer to a metrics scrape."""
     timeouts: ProxyTimeouts = field(default_factory=ProxyTimeouts)
     headers: ProxyHeaders = field(default_factory=ProxyHeaders)
 
 
-_TOP = {"listen", "workers", "agent", "token", "region", "queue_size", "pool_idle", "max_header_bytes"}
+_TOP = {
+    "listen",
+    "workers",
+    "agent",
+    "token",
+    "region",
+    "queue_size",
+    "pool_idle",
+    "max_header_bytes",
+    "max_request_line_bytes",
+    "load_cells",
+    "metrics_listen",
+    "probe_interval",
+    "probe_deadline",
+}
 _TIMEOUTS = set(ProxyTimeouts.__dataclass_fields__)
 _HEADERS = set(ProxyHeaders.__dataclass_fields__)
 
@@ -144,7 +187,25 @@ def parse_proxy_config(doc: dict[str, Any], where: str = "<config>") -> ProxyCon
                 kw[key] = parse_addr(str(value))
             except ValueError as e:
                 errors.append(f"{dotted}: {e}")
-        elif key in ("workers", "queue_size", "pool_idle", "max_header_bytes"):
+        elif key == "metrics_listen":
+            try:
+                if not isinstance(value, str):
+                    raise ValueError(f'expected a "host:port" string, got {value!r}')
+                kw[key] = parse_addr(value)
+            except ValueError as e:
+                errors.append(f"{dotted}: {e}")
+        elif key in ("probe_interval", "probe_deadline"):
+            v = num(sec, key, dotted, integer=False, minimum=0.01)
+            if v is not None:
+                kw[key] = v
+        elif key in (
+            "workers",
+            "queue_size",
+            "pool_idle",
+            "max_header_bytes",
+            "max_request_line_bytes",
+            "load_cells",
+        ):
             v = num(sec, key, dotted, integer=True, minimum=1 if key != "pool_idle" else 0)
             if v is not None:
                 kw[key] = v
@@ -154,6 +215,9 @@ def parse_proxy_config(doc: dict[str, Any], where: str = "<config>") -> ProxyCon
             errors.append(f"{dotted}: expected an http:// URL, got {value!r}")
         else:
             kw[key] = value.rstrip("/") if key == "agent" else value
+    m = kw.get("metrics_listen")
+    if m is not None and m.port != 0 and m == kw.get("listen", ProxyConfig().listen):
+        errors.append("proxy.metrics_listen: must differ from proxy.listen")
     if errors:
         raise ProxyConfigError("\n".join(f"{where}: {e}" for e in errors))
     return ProxyConfig(**kw)

@@ -8,11 +8,11 @@ several sharing the port (SO_REUSEPORT). See docs/proxy.md, "The server".
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import http
 import logging
 import os
 import random
+import socket
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterable
@@ -22,8 +22,10 @@ from typing import Final
 import httptools
 
 from verdigris.proxy.balance import (
+    ANY_REGION,
     Balancer,
     Forward,
+    LoadTracker,
     Queue,
     Route,
     RouteRequest,
@@ -31,6 +33,7 @@ from verdigris.proxy.balance import (
     parse_routing_headers,
 )
 from verdigris.proxy.config import ProxyConfig
+from verdigris.proxy.control import ControlServer
 from verdigris.proxy.errors import ErrorCode, Reject
 from verdigris.proxy.feed import TableFeed
 from verdigris.proxy.replay import (
@@ -42,7 +45,9 @@ from verdigris.proxy.replay import (
     ReplaySession,
     Responder,
 )
-from verdigris.proxy.table import App, Instance, RoutingTable
+from verdigris.proxy.shared_load import SharedLoad, SharedLoadHandle, SharedLoadTracker
+from verdigris.proxy.stats import RequestCounters, probe, snapshot
+from verdigris.proxy.table import Instance, RoutingTable
 from verdigris.proxy.upstream import UpstreamConn, UpstreamError, UpstreamPool
 
 log = logging.getLogger("verdigris.proxy")
@@ -62,10 +67,57 @@ HOP_BY_HOP: Final = frozenset(
 """Headers never passed on as is (framing is re-created for each side)."""
 BODY_BUFFER_HIGH: Final = 256 * 1024
 """Bytes of a client's request body queued before the socket stops being read (backpressure)."""
+RELEASE_POLL: Final = 0.005
+"""Seconds between looks at the other workers' releases while requests wait for a slot."""
+RELEASE_POLLS_FORCED: Final = 20
+"""Waiters choose again after this many polls even if nothing was released (a lock timeout, see
+:mod:`~verdigris.proxy.shared_load`)."""
 
 
 class ClientGone(Exception):
-    """The client closed the connection or sent something unparsable mid-request."""
+    """The client closed the connection or sent something unparsable mid-request. ``error``: the answer
+    still owed to the client (no response started yet), e.g. a 400 for a malformed chunked body."""
+
+    def __init__(self, message: str, error: tuple[int, str, str] | None = None) -> None:
+        super().__init__(message)
+        self.error = error
+
+
+@dataclass(eq=False, slots=True)
+class Held:
+    """The slot a client connection holds on an instance of a ``connections`` app (for as long as the
+    client connection lasts), and its dedicated upstream connection while idle between requests."""
+
+    instance: Instance
+    slot: Slot
+    conn: UpstreamConn | None = None
+    dropped: bool = False
+
+    def give_back(self, conn: UpstreamConn) -> None:
+        """``UpstreamConn.home``: a reusable dedicated connection after an exchange."""
+        if self.dropped or self.conn is not None:
+            conn.close()
+        else:
+            self.conn = conn
+
+
+class _TooLarge(Exception):
+    """Raised from a parser callback to stop parsing a request line (414) or head (431) over its limit."""
+
+
+def _upgrade_problem(method: bytes, headers: list[tuple[bytes, bytes]]) -> str | None:
+    """Why an Upgrade (or CONNECT) request cannot be tunnelled, or None: only ``Upgrade: websocket``
+    (one token, any case) is; ``h2c`` never is (HTTP/2 is not spoken here)."""
+    if method == b"CONNECT":
+        return "CONNECT is not supported"
+    value = b", ".join(v for n, v in headers if n == b"upgrade")
+    tokens = [t.strip().lower() for t in value.split(b",") if t.strip()]
+    if tokens == [b"websocket"]:
+        return None
+    shown = value.decode("latin-1")
+    if any(t.split(b"/")[0] == b"h2c" for t in tokens):
+        return f"h2c upgrades are not tunnelled (Upgrade: {shown})"
+    return f"only 'Upgrade: websocket' is tunnelled, not {shown!r}"
 
 
 @dataclass
@@ -81,6 +133,15 @@ class Request:
     host: str = ""
     rid: str = ""
     extra: dict[str, str] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+    """When the head was parsed (for the latency histogram)."""
+    status: int = 0
+    """The status sent to the client (0: none yet); ``app`` and ``region`` that answered, for metrics."""
+    app: str = ""
+    region: str = ""
+    upgrade: bytes = b""
+    """A WebSocket upgrade request: the Upgrade value to send on (its bytes after the head arrive as
+    "body" events after "end"); empty for an ordinary request."""
 
     @property
     def has_body(self) -> bool:
@@ -106,12 +167,19 @@ class ClientConnection(asyncio.Protocol):
         self._url = b""
         self._head_bytes = 0
         self._in_head = False
+        self._too_large: tuple[int, str, str] | None = None
+        self._fields_bytes = 0
+        self.upgraded = False
+        """The parser is done: every byte now received is tunnelled (pushed as "body" events)."""
+        self._tunnel_ok = False
         self._timer: asyncio.TimerHandle | None = None
         self.busy = False
         self.closed = False
         self.peer_ip = ""
         self.local_port = 0
         self._task: asyncio.Task[None] | None = None
+        self.held: dict[str, Held] = {}
+        """App -> the slot this connection holds, for ``connections`` apps (released when it ends)."""
 
     # ---------------------------------------------------------------------------- asyncio.Protocol
 
@@ -142,15 +210,25 @@ class ClientConnection(asyncio.Protocol):
             self._can_write.set_result(None)
 
     def data_received(self, data: bytes) -> None:
+        if self.upgraded:
+            self.on_body(data)
+            return
         if self._in_head:
             self._head_bytes += len(data)
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._push("error", (501, "upgrade_not_supported", "protocol upgrades are not supported yet"))
-            self._stop_reading()
+        except httptools.HttpParserUpgrade as e:
+            # the head of an upgrade request has been pushed (or refused in on_headers_complete): what
+            # follows it is the tunnel's, never parsed as HTTP
+            self.upgraded = True
+            rest = data[e.args[0] :]
+            if self._tunnel_ok and rest:
+                self.on_body(rest)
         except httptools.HttpParserError as e:
-            self._push("error", (400, "bad_request", f"malformed request: {e}"))
+            if self._too_large is not None:
+                self._push("error", self._too_large)
+            else:
+                self._push("error", (400, "bad_request", f"malformed request: {e}"))
             self._stop_reading()
         else:
             if self._in_head and self._head_bytes > self.worker.config.max_header_bytes:
@@ -164,22 +242,43 @@ class ClientConnection(asyncio.Protocol):
         self._url = b""
         self._in_head = True
         self._head_bytes = 0
+        self._fields_bytes = 0
         self._arm(self.worker.config.timeouts.header_read, "header_read")
 
     def on_url(self, url: bytes) -> None:
         self._url += url
+        # method SP url SP HTTP/x.y (llhttp has parsed the method by now)
+        if len(self._url) + len(self.parser.get_method()) + 10 > self.worker.config.max_request_line_bytes:
+            self._too_large = (414, "uri_too_long", "request line too long")
+            raise _TooLarge
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name.lower(), value))
+        # counted here too: data_received counts only what arrives once the head has begun
+        self._fields_bytes += len(name) + len(value) + 4
+        if self._fields_bytes + len(self._url) > self.worker.config.max_header_bytes:
+            self._too_large = (431, "headers_too_large", "request headers too large")
+            raise _TooLarge
 
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._disarm()
-        p = self.parser
-        if p.should_upgrade():
-            self._push("error", (501, "upgrade_not_supported", "protocol upgrades are not supported yet"))
+        # the byte count in data_received misses a head that arrives in one piece: count it exactly here
+        size = len(self._url) + sum(len(n) + len(v) + 4 for n, v in self._headers)
+        if size > self.worker.config.max_header_bytes:
+            self._push("error", (431, "headers_too_large", "request headers too large"))
             self._stop_reading()
             return
+        p = self.parser
+        upgrade = b""
+        if p.should_upgrade():
+            problem = _upgrade_problem(p.get_method(), self._headers)
+            if problem is not None:
+                self._push("error", (501, "upgrade_not_supported", problem))
+                self._stop_reading()
+                return
+            upgrade = b"websocket"
+            self._tunnel_ok = True
         length: int | None = None
         chunked = False
         for name, value in self._headers:
@@ -197,9 +296,10 @@ class ClientConnection(asyncio.Protocol):
             url=self._url,
             version=p.get_http_version(),
             headers=self._headers,
-            keep_alive=p.should_keep_alive(),
+            keep_alive=p.should_keep_alive() and not upgrade,  # after an upgrade: no more HTTP
             content_length=length,
             chunked=chunked,
+            upgrade=upgrade,
         )
         self._push("request", req)
 
@@ -238,7 +338,10 @@ class ClientConnection(asyncio.Protocol):
                 )
             )
         self.worker.stats["timeouts_" + why] = self.worker.stats.get("timeouts_" + why, 0) + 1
-        self.close()
+        if self.write_blocked:
+            self.abort()  # an answer still unread: closing would wait for the client to read it
+        else:
+            self.close()
 
     def _push(self, kind: str, value: object) -> None:
         self.events.append((kind, value))
@@ -259,12 +362,27 @@ class ClientConnection(asyncio.Protocol):
         return kind, value
 
     async def body(self, req: Request) -> AsyncIterator[bytes]:
+        """The request body as it arrives (before any response: a stall or a parse error is answered)."""
+        wait = self.worker.config.timeouts.body_read
         while not req.body_done:
-            kind, value = await self.next_event()
+            if self.events:
+                kind, value = await self.next_event()
+            else:
+                try:
+                    async with asyncio.timeout(wait):
+                        kind, value = await self.next_event()
+                except TimeoutError:
+                    self.worker.count("timeouts_body_read")
+                    raise ClientGone(
+                        "the request body stalled",
+                        (408, "body_timeout", f"no byte of the request body for {wait:g} s"),
+                    ) from None
             if kind == "body" and isinstance(value, bytes):
                 yield value
             elif kind == "end":
                 req.body_done = True
+            elif kind == "error" and isinstance(value, tuple):
+                raise ClientGone("the request body is malformed", value)
             else:
                 raise ClientGone("the client went away during the request body")
 
@@ -272,11 +390,28 @@ class ClientConnection(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.transport.write(data)
 
+    @property
+    def write_blocked(self) -> bool:
+        """The transport has paused us: the client is not reading fast enough (its socket is full)."""
+        return self._can_write is not None and not self._can_write.done()
+
     async def drain(self) -> None:
+        """Wait until the client can take more, for at most ``timeouts.send``: a client that stops
+        reading is aborted then (:class:`ClientGone`), so that it cannot hold the request forever."""
         if self.closed:
             raise ClientGone("the client went away")
-        if self._can_write is not None and not self._can_write.done():
-            await self._can_write
+        fut = self._can_write
+        if fut is not None and not fut.done():
+            send = self.worker.config.timeouts.send
+            try:
+                async with asyncio.timeout(send):
+                    await asyncio.shield(fut)
+            except TimeoutError:
+                self.worker.count("timeouts_send")
+                self.abort()
+                raise ClientGone(f"the client read nothing for {send:g} s") from None
+            if self.closed:
+                raise ClientGone("the client went away")
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -296,6 +431,7 @@ class ClientConnection(asyncio.Protocol):
                 if kind == "closed":
                     return
                 if kind == "error" and isinstance(value, tuple):
+                    w.count(f"error_{value[1]}")
                     self.write(w.error_bytes(value, "", close=True))
                     self.close()
                     return
@@ -310,7 +446,7 @@ class ClientConnection(asyncio.Protocol):
                 finally:
                     w.in_flight -= 1
                     self.busy = False
-                    w.request_done()
+                    w.request_done(req)
                 if not req.body_done:
                     if any(kind == "end" for kind, _ in self.events):
                         while self.events:  # the rest of an unread body has arrived: skip it
@@ -326,41 +462,20 @@ class ClientConnection(asyncio.Protocol):
                     self.close()
                     return
                 self._arm(w.config.timeouts.idle, "idle")
-        except ClientGone:
+        except ClientGone as e:
+            if e.error is not None:
+                w.count(f"error_{e.error[1]}")
+                self.write(w.error_bytes(e.error, "", close=True))
             self.close()
         except Exception:
             log.exception("connection handler failed")
             self.abort()
+        finally:
+            if self.held:
+                w.drop_held(self)
 
 
 # ------------------------------------------------------------------------------------------------ worker
-
-
-class WorkerTable(RoutingTable):
-    """The routing table of one of ``workers`` worker processes: each worker counts only its own
-    in-flight slots, so it enforces its share of an app's limits, ``ceil(limit / workers)``."""
-
-    def __init__(self, workers: int = 1) -> None:
-        super().__init__()
-        self.workers = max(1, workers)
-        self._scaled: dict[str, App] = {}
-        self._scaled_version = -1
-
-    def app(self, name: str) -> App | None:
-        a = super().app(name)
-        if a is None or self.workers == 1:
-            return a
-        if self._scaled_version != self.version:
-            self._scaled.clear()
-            self._scaled_version = self.version
-        scaled = self._scaled.get(name)
-        if scaled is None:
-            n = self.workers
-            scaled = dataclasses.replace(
-                a, soft_limit=-(-a.soft_limit // n), hard_limit=-(-a.hard_limit // n)
-            )
-            self._scaled[name] = scaled
-        return scaled
 
 
 def _reason(status: int) -> bytes:
@@ -373,10 +488,15 @@ def _reason(status: int) -> bytes:
 class Worker:
     """The state of one proxy worker process: routing table, balancer, upstream pool, connections."""
 
-    def __init__(self, config: ProxyConfig, table: RoutingTable | None = None) -> None:
+    def __init__(
+        self, config: ProxyConfig, table: RoutingTable | None = None, *, load: LoadTracker | None = None
+    ) -> None:
         self.config = config
-        self.table = table if table is not None else WorkerTable(config.workers)
-        self.balancer = Balancer(self.table, config.region, rng=random.Random())
+        self.table = table if table is not None else RoutingTable()
+        self.balancer = Balancer(self.table, config.region, rng=random.Random(), load=load)
+        self.shared = load if isinstance(load, SharedLoadTracker) else None
+        """Load counted across the worker processes (None: this process only)."""
+        self._watcher: asyncio.Task[None] | None = None
         self.pool = UpstreamPool(config.pool_idle, config.timeouts.connect)
         self.connections: set[ClientConnection] = set()
         self.in_flight = 0
@@ -384,6 +504,7 @@ class Worker:
         self.waiting = 0
         self._released: asyncio.Event | None = None
         self.stats: dict[str, int] = {}
+        self.metrics = RequestCounters()
         h = config.headers
         self.via = f"1.1 {h.via}".encode()
         self.internal = frozenset(
@@ -406,8 +527,9 @@ class Worker:
     def count(self, key: str) -> None:
         self.stats[key] = self.stats.get(key, 0) + 1
 
-    def request_done(self) -> None:
-        pass
+    def request_done(self, req: Request | None = None) -> None:
+        if req is not None:
+            self.metrics.finished(req)
 
     def _notify_release(self) -> None:
         ev = self._released
@@ -463,24 +585,129 @@ class Worker:
                     self.count("queue_full")
                     return Reject(503, ErrorCode.QUEUE_FULL, f"{d.reason}, and the wait queue is full")
                 deadline = now + (timeout if timeout is not None else self.config.timeouts.queue)
+                self.count("queued")
             remaining = deadline - now
             if remaining <= 0:
                 self.count("queue_timeout")
                 return Reject(
                     503,
                     ErrorCode.QUEUE_TIMEOUT,
-                    f"{d.reason}; no slot freed in {self.config.timeouts.queue:g} s",
+                    f"{d.reason}; no slot freed in "
+                    f"{timeout if timeout is not None else self.config.timeouts.queue:g} s",
                 )
             if self._released is None:
                 self._released = asyncio.Event()
             ev = self._released
             self.waiting += 1
+            self._watch_releases()
             try:
                 await asyncio.wait_for(ev.wait(), remaining)
             except TimeoutError:
                 pass
             finally:
                 self.waiting -= 1
+                self.stats["queue_wait_us"] = self.stats.get("queue_wait_us", 0) + int(
+                    (loop.time() - now) * 1e6
+                )
+
+    def _watch_releases(self) -> None:
+        """With load shared between workers, a slot freed by another worker sets no event here: while
+        requests wait, poll the workers' release counters (one task per worker, only while waiting)."""
+        if self.shared is not None and self._watcher is None:
+            self._watcher = asyncio.get_running_loop().create_task(self._poll_releases(self.shared))
+
+    async def _poll_releases(self, shared: SharedLoadTracker) -> None:
+        try:
+            last, polls = shared.releases(), 0
+            while self.waiting:
+                await asyncio.sleep(RELEASE_POLL)
+                now, polls = shared.releases(), polls + 1
+                if now != last or polls >= RELEASE_POLLS_FORCED:  # and now and then anyway: see shared_load
+                    last, polls = now, 0
+                    self._notify_release()
+        finally:
+            self._watcher = None
+
+    # ---------------------------------------------------------------------------- connections apps
+
+    async def _decide_for_client(
+        self, client: ClientConnection, app_name: str | None, route: RouteRequest, host: str
+    ) -> Route | Forward | Reject:
+        """:meth:`decide`, except for an app whose concurrency is ``connections``: the client connection's
+        first request to it takes a slot that the connection keeps (:class:`Held`) until it closes; its
+        later requests go to the same instance (slot ``None`` in the Route: nothing to release per
+        request) while it is usable and the request's routing allows it, else the slot is given back and
+        the choice made again."""
+        app = self.table.app(app_name) if app_name is not None else None
+        if app is None or app.concurrency != "connections":
+            return await self.decide(app_name or "", route, host=host)
+        held = client.held.get(app.name)
+        if held is not None:
+            inst = self._held_instance(held, route)
+            if inst is not None:
+                return Route(inst, None)
+            self._drop(held, client, app.name)
+        d = await self.decide(app.name, route, host=host)
+        if isinstance(d, Route) and d.slot is not None:
+            if client.closed:  # gone while this waited: do not go on
+                self.release(d.slot)
+                raise ClientGone("the client went away while its request waited for a slot")
+            client.held[app.name] = Held(d.instance, d.slot)
+            return Route(d.instance, None)
+        return d
+
+    def _held_instance(self, held: Held, route: RouteRequest) -> Instance | None:
+        """The held instance as the table has it now, if it can still take this request."""
+        inst = self.table.instance(held.instance.id)
+        if (
+            inst is None
+            or inst.app != held.instance.app
+            or (inst.host, inst.port) != (held.instance.host, held.instance.port)
+            or not self.balancer.usable(inst, route, asyncio.get_running_loop().time())
+        ):
+            return None
+        if route.force_instance not in (None, inst.id) or route.prefer_instance not in (None, inst.id):
+            return None
+        if ANY_REGION not in route.regions and inst.region not in route.regions:
+            return None
+        return inst
+
+    def _drop(self, held: Held, client: ClientConnection, app: str) -> None:
+        if client.held.get(app) is held:
+            del client.held[app]
+        held.dropped = True
+        conn, held.conn = held.conn, None
+        if conn is not None:
+            conn.home = None
+            self.pool.release(conn)  # the client connection is done with it: shared from now on
+        self.release(held.slot)
+
+    def drop_held(self, client: ClientConnection) -> None:
+        """The client connection ended: release every slot it held."""
+        for app, held in list(client.held.items()):
+            self._drop(held, client, app)
+
+    def _drop_held_on(self, client: ClientConnection, inst: Instance) -> None:
+        held = client.held.get(inst.app)
+        if held is not None and held.instance.id == inst.id:
+            self._drop(held, client, inst.app)
+
+    async def _upstream_conn(self, client: ClientConnection, inst: Instance) -> UpstreamConn:
+        """A connection to ``inst``: the client connection's dedicated one when it holds a slot there (a
+        ``connections`` app), else one from the pool."""
+        assert inst.host is not None and inst.port is not None
+        held = client.held.get(inst.app) if client.held else None
+        if held is None or held.instance.id != inst.id:
+            return await self.pool.acquire(inst.id, inst.host, inst.port)
+        conn, held.conn = held.conn, None
+        if conn is not None:
+            if conn.usable:
+                conn.reused = True
+                return conn
+            conn.close()
+        conn = await self.pool.acquire(inst.id, inst.host, inst.port)
+        conn.home = held.give_back
+        return conn
 
     # ---------------------------------------------------------------------------- one request
 
@@ -504,6 +731,7 @@ class Worker:
                 result = await self._route_and_forward(client, req, route, str_headers)
         if result is not None:
             self.count(f"error_{result.code}")
+            req.status = result.status
             unread = req.has_body and not req.body_done and not any(k == "end" for k, _ in client.events)
             if unread:
                 req.keep_alive = False  # the rest of the body is not read: the connection closes after this
@@ -513,7 +741,8 @@ class Worker:
         self, client: ClientConnection, req: Request, route: RouteRequest, str_headers: list[tuple[str, str]]
     ) -> Reject | None:
         app_name = self.table.app_for_host(req.host)
-        decision = await self.decide(app_name or "", route, host=req.host)
+        req.app = app_name or ""
+        decision = await self._decide_for_client(client, app_name, route, req.host)
         if isinstance(decision, Reject):
             return decision
         if isinstance(decision, Forward):
@@ -523,6 +752,8 @@ class Worker:
                 f"{decision.reason}; forwarding to region {decision.region} is not supported yet",
             )
         assert app_name is not None
+        if req.upgrade:
+            return await self._tunnel(client, req, decision)
         session = ReplaySession(
             app_name,
             org_of=lambda a: x.org if (x := self.table.app(a)) is not None else None,
@@ -536,16 +767,19 @@ class Worker:
         route_decision: Route = decision
         while True:
             inst, slot = route_decision.instance, route_decision.slot
+            req.app, req.region = inst.app, inst.region
             try:
                 sent = await self._exchange(
                     client, req, inst, first, buffer, session, extra_set, extra_delete, path
                 )
             except UpstreamError as e:
                 self.release(slot)
+                self._drop_held_on(client, inst)  # a connections app's next request chooses again
                 failure = self._upstream_reject(inst, e)
                 if session.replays == 0:
                     return failure
                 nxt = session.target_failed(failure, now_us=time.time_ns() // 1000)
+                self.count("replay_failed" if isinstance(nxt, Reject) else "replay_fallback")
                 if isinstance(nxt, Reject):
                     return nxt
                 replay = nxt
@@ -580,6 +814,7 @@ class Worker:
                 await self._discard(conn)
                 self.release(slot)
                 if isinstance(verdict, Reject):
+                    self.count("replay_refused")
                     return verdict
                 replay = verdict
             # route the replay
@@ -601,12 +836,14 @@ class Worker:
                     )
                 )
                 nxt = session.target_failed(failure, now_us=time.time_ns() // 1000)
+                self.count("replay_failed" if isinstance(nxt, Reject) else "replay_fallback")
                 if isinstance(nxt, Reject):
                     return nxt
                 replay = nxt
                 extra_set, extra_delete = replay.set_headers, replay.delete_headers
 
     def _upstream_reject(self, inst: Instance, e: UpstreamError) -> Reject:
+        self.metrics.upstream_error(e.kind)
         now = asyncio.get_running_loop().time()
         if e.kind in ("refused", "connect_timeout") and self.balancer.outliers.connect_failed(inst.id, now):
             self.pool.drop_instance(inst.id)
@@ -655,6 +892,8 @@ class Worker:
             h.client_ip.encode() + b": " + ip,
         ]
         out += [n + b": " + v for n, v in sets]
+        if req.upgrade:  # the only hop-by-hop headers passed on: those asking for the upgrade
+            out += [b"connection: upgrade", b"upgrade: " + req.upgrade]
         return b"\r\n".join(out) + b"\r\n\r\n"
 
     async def _exchange(
@@ -675,7 +914,7 @@ class Worker:
         head = self._request_head(client, req, extra_set, extra_delete, path)
         tmo = self.config.timeouts
         for attempt in (1, 2):
-            conn = await self.pool.acquire(inst.id, inst.host, inst.port)
+            conn = await self._upstream_conn(client, inst)
             conn.start_exchange()
             try:
                 conn.writer.write(head)
@@ -784,6 +1023,7 @@ class Worker:
         out.append(self.config.headers.request_id.encode() + b": " + req.rid.encode())
         if not req.keep_alive or self.stopping:
             out.append(b"connection: close")
+        req.status = status
         client.write(b"\r\n".join(out) + b"\r\n\r\n")
         try:
             async for chunk in conn.body(self.config.timeouts.response, head_only=head_only):
@@ -795,6 +1035,7 @@ class Worker:
             conn.close()
             log.warning("request %s: %s", req.rid, e)
             self.count("upstream_broken_mid_response")
+            self.metrics.upstream_error("reset")
             client.abort()
             raise ClientGone(str(e)) from None
         except ClientGone:
@@ -803,6 +1044,162 @@ class Worker:
         if chunked:
             client.write(b"0\r\n\r\n")
         self.pool.release(conn)
+
+    # ---------------------------------------------------------------------------- upgrade tunnels
+
+    async def _tunnel(self, client: ClientConnection, req: Request, route: Route) -> Reject | None:
+        """A WebSocket upgrade: send the head (and any bytes the client sent after it) to the instance; on
+        ``101`` tunnel raw bytes both ways until either side closes; any other answer is delivered as
+        usual. The client connection always closes afterwards; the upstream one is never pooled; the
+        slot is held while the tunnel is open."""
+        inst, slot = route.instance, route.slot
+        req.keep_alive = False
+        req.body_done = True  # what follows the head is the tunnel's, not a body
+        try:
+            try:
+                conn, headers = await self._upgrade_exchange(client, req, inst)
+            except UpstreamError as e:
+                return self._upstream_reject(inst, e)
+            if conn.status != 101:
+                await self._deliver(client, req, conn, headers)
+                conn.close()
+                return None
+            token = b", ".join(v for n, v in headers if n.lower() == b"upgrade").strip().lower()
+            if token != b"websocket":
+                conn.close()
+                return Reject(
+                    502,
+                    ErrorCode.UPSTREAM_BAD_RESPONSE,
+                    f"instance {inst.id} switched to {token.decode('latin-1')!r}, not websocket",
+                )
+            self.count("tunnels")
+            req.app, req.region, req.status = inst.app, inst.region, 101
+            client.write(self._switching_head(req, headers))
+            if conn.tunnel_data:
+                client.write(conn.tunnel_data)
+            try:
+                await self._pump(client, conn, req)
+            finally:
+                conn.close()
+                if client.write_blocked:
+                    client.abort()
+                else:
+                    client.close()
+            return None
+        finally:
+            self.release(slot)
+
+    async def _upgrade_exchange(
+        self, client: ClientConnection, req: Request, inst: Instance
+    ) -> tuple[UpstreamConn, list[tuple[bytes, bytes]]]:
+        """The upgrade request's head and the bytes queued after it, then the response head (a stale
+        pooled connection is retried once on a fresh one)."""
+        assert inst.host is not None and inst.port is not None
+        self._pop_end(client)
+        first: list[bytes] = []
+        while client.events and client.events[0][0] == "body":
+            _, value = await client.next_event()  # does not wait: the event is there (and is counted)
+            if isinstance(value, bytes):
+                first.append(value)
+        data = self._request_head(client, req, (), (), None) + b"".join(first)
+        for attempt in (1, 2):
+            conn = await self.pool.acquire(inst.id, inst.host, inst.port)
+            conn.start_exchange()
+            conn.reusable = False
+            try:
+                conn.writer.write(data)
+                await conn.writer.drain()
+                headers = await conn.read_head(self.config.timeouts.response)
+            except (ConnectionError, OSError) as e:
+                conn.close()
+                if conn.reused and attempt == 1:
+                    continue
+                raise UpstreamError("bad_response", f"instance {inst.id}: {e}") from None
+            except UpstreamError as e:
+                conn.close()
+                if not e.sent and conn.reused and attempt == 1:
+                    continue
+                raise
+            except BaseException:  # cancelled (the worker stopping)
+                conn.close()
+                raise
+            now = asyncio.get_running_loop().time()
+            if self.balancer.outliers.response(inst.id, conn.status, now):
+                self.pool.drop_instance(inst.id)
+                self.count("ejections")
+            return conn, headers
+        raise AssertionError("unreachable")
+
+    def _switching_head(self, req: Request, headers: list[tuple[bytes, bytes]]) -> bytes:
+        drop = set(HOP_BY_HOP)
+        drop.add(REPLAY_HEADER.encode())
+        for name, value in headers:
+            if name.lower() == b"connection":
+                drop.update(t.strip().lower() for t in value.split(b","))
+        out = [b"HTTP/1.1 101 Switching Protocols"]
+        via = self.via
+        for name, value in headers:
+            low = name.lower()
+            if low == b"via":
+                via = value + b", " + self.via
+            elif low not in drop:
+                out.append(name + b": " + value)
+        out += [
+            b"connection: upgrade",
+            b"upgrade: websocket",
+            b"via: " + via,
+            self.config.headers.request_id.encode() + b": " + req.rid.encode(),
+        ]
+        return b"\r\n".join(out) + b"\r\n\r\n"
+
+    async def _pump(self, client: ClientConnection, conn: UpstreamConn, req: Request) -> None:
+        """Copy bytes both ways until either side closes, a side cannot take what it is sent for
+        ``timeouts.send``, or nothing moves for ``timeouts.tunnel_idle``. Backpressure: the instance is
+        not read while the client is not writable; the client stops being read when its queued bytes
+        are over ``BODY_BUFFER_HIGH`` (the instance not reading)."""
+        loop = asyncio.get_running_loop()
+        tmo = self.config.timeouts
+        last = loop.time()
+
+        async def to_client() -> None:
+            nonlocal last
+            while True:
+                data = await conn.reader.read(65536)
+                if not data:
+                    return
+                last = loop.time()
+                client.write(data)
+                await client.drain()
+
+        async def to_upstream() -> None:
+            nonlocal last
+            while True:
+                kind, value = await client.next_event()
+                if kind == "closed":
+                    return
+                if isinstance(value, bytes):
+                    last = loop.time()
+                    conn.writer.write(value)
+                    async with asyncio.timeout(tmo.send):
+                        await conn.writer.drain()
+
+        tasks = {loop.create_task(to_client()), loop.create_task(to_upstream())}
+        try:
+            while True:
+                remaining = last + tmo.tunnel_idle - loop.time()
+                if remaining <= 0:
+                    self.count("timeouts_tunnel_idle")
+                    return
+                done, _ = await asyncio.wait(tasks, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+                for t in done:
+                    if not t.cancelled() and (e := t.exception()) is not None:
+                        log.debug("request %s: tunnel ended: %r", req.rid, e)
+                if done:
+                    return
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     # ---------------------------------------------------------------------------- lifecycle
 
@@ -815,12 +1212,27 @@ class Worker:
                 c.close()
 
 
-async def serve(config: ProxyConfig, *, stop: asyncio.Event) -> int:
-    """Run one worker until ``stop`` is set, then drain for at most ``timeouts.drain`` seconds."""
+async def serve(
+    config: ProxyConfig,
+    *,
+    stop: asyncio.Event,
+    control: socket.socket | None = None,
+    worker_index: int = 0,
+    shared_load: SharedLoadHandle | None = None,
+) -> int:
+    """Run one worker until ``stop`` is set, then drain for at most ``timeouts.drain`` seconds.
+    ``shared_load``: the supervisor's load counts, counted in as worker ``worker_index`` (without it,
+    this worker counts alone: right for a single worker only)."""
     loop = asyncio.get_running_loop()
-    worker = Worker(config)
+    shared = SharedLoad.attach(shared_load, worker_index) if shared_load is not None else None
+    worker = Worker(config, load=SharedLoadTracker(shared) if shared is not None else None)
     feed = TableFeed(worker.table, config.agent, config.token)
     feed.start()
+    ctl: ControlServer | None = None
+    if control is not None:  # the supervisor's channel (probes, stats); its end means the supervisor is gone
+        handlers = {"probe": lambda a: probe(worker, a), "stats": lambda a: snapshot(worker)}
+        ctl = ControlServer(control, handlers, on_close=stop.set)
+        ctl.start()
     host, port = config.listen
     try:
         server = await loop.create_server(
@@ -829,6 +1241,8 @@ async def serve(config: ProxyConfig, *, stop: asyncio.Event) -> int:
     except OSError as e:
         log.error("cannot listen on %s: %s", config.listen, e.strerror or e)
         await feed.close()
+        if ctl is not None:
+            await ctl.close()
         return 1
     await stop.wait()
     server.close()
@@ -840,8 +1254,10 @@ async def serve(config: ProxyConfig, *, stop: asyncio.Event) -> int:
         c.abort() if c.busy else c.close()
     worker.pool.close()
     await feed.close()
+    if ctl is not None:
+        await ctl.close()
     await asyncio.sleep(0)
     return 0
 
 
-__all__ = ["ClientConnection", "Request", "Worker", "WorkerTable", "serve"]
+__all__ = ["ClientConnection", "Held", "Request", "Worker", "serve"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import httptools
 
@@ -30,11 +30,14 @@ class UpstreamConn:
         "_headers",
         "_parser",
         "_until_close",
+        "home",
         "instance_id",
         "keep_alive",
         "reader",
+        "reusable",
         "reused",
         "status",
+        "tunnel_data",
         "writer",
     )
 
@@ -51,6 +54,13 @@ class UpstreamConn:
         self._done = False
         self._until_close = False
         self._parser = httptools.HttpResponseParser(self)
+        self.reusable = True
+        """False for a connection that carried an Upgrade request: never returned to the pool."""
+        self.tunnel_data: bytes | None = None
+        """After a ``101 Switching Protocols`` head: the bytes that came with it (the tunnel's first)."""
+        self.home: Callable[[UpstreamConn], None] | None = None
+        """A dedicated connection's owner (a client connection of a ``connections`` app):
+        :meth:`UpstreamPool.release` gives it back there, not to the pool, when it may be reused."""
 
     # httptools callbacks
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -72,7 +82,13 @@ class UpstreamConn:
 
     @property
     def usable(self) -> bool:
-        return not self.writer.is_closing() and not self.reader.at_eof()
+        # bytes already waiting on an idle connection were never asked for (a stray second response):
+        # reading them as the next request's answer would hand one client another's response
+        return (
+            not self.writer.is_closing()
+            and not self.reader.at_eof()
+            and not getattr(self.reader, "_buffer", b"")
+        )
 
     def start_exchange(self) -> None:
         self._parser = httptools.HttpResponseParser(self)
@@ -95,6 +111,8 @@ class UpstreamConn:
             return False
         try:
             self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:  # a 101 head: what follows is not HTTP any more
+            self.tunnel_data = data[e.args[0] :]
         except httptools.HttpParserError as e:
             raise UpstreamError(
                 "bad_response", f"instance {self.instance_id} sent invalid HTTP: {e}"
@@ -173,8 +191,12 @@ class UpstreamPool:
 
     def release(self, conn: UpstreamConn) -> None:
         """Keep ``conn`` for reuse if its exchange ended cleanly with keep-alive, else close it."""
-        if not (conn.keep_alive and conn._done and conn.usable and self.max_idle > 0):
+        ok = conn.keep_alive and conn._done and conn.usable and conn.reusable
+        if not (ok and (self.max_idle > 0 or conn.home is not None)):
             conn.close()
+            return
+        if conn.home is not None:
+            conn.home(conn)
             return
         idle = self._idle.setdefault(conn.instance_id, deque())
         idle.append(conn)

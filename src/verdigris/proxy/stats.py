@@ -1,0 +1,180 @@
+"""A proxy worker's counters for metrics, and its answers on the control channel (``probe``, ``stats``).
+
+Counting on the request path is plain ints in dicts and lists (:class:`RequestCounters`); nothing here
+touches prometheus_client. The supervisor asks each worker for a :class:`WorkerStats` snapshot over the
+control channel (:mod:`verdigris.proxy.control`) and turns the sum into Prometheus metrics
+(:mod:`verdigris.proxy.metrics`).
+
+Label cardinality is bounded: at most ``MAX_APPS`` distinct apps and ``MAX_REGIONS`` regions are
+counted by name (later ones count as ``"other"``), and at most ``MAX_INSTANCES`` instances are reported
+in the in-flight gauge (the most loaded ones; the rest are summed as ``"other"``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from bisect import bisect_left
+from collections.abc import Mapping
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any, Final
+
+import msgspec
+
+from verdigris.proxy.balance import Forward, Queue, Route
+from verdigris.proxy.errors import Reject
+
+if TYPE_CHECKING:
+    from verdigris.proxy.server import Request, Worker
+
+LATENCY_BUCKETS: Final = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
+"""Upper bounds (seconds, inclusive) of the request latency histogram; one more bucket for +Inf."""
+MAX_APPS: Final = 1000
+MAX_REGIONS: Final = 100
+MAX_INSTANCES: Final = 1000
+OTHER: Final = "other"
+NONE: Final = "none"
+"""The app / region label of a request that was not routed to one (bad host, no such app...)."""
+PROBE_HOST: Final = "probe.verdigris.invalid"
+"""The host a probe routes when the supervisor names none (an honest lookup that finds no app)."""
+
+
+def status_class(status: int) -> str:
+    return f"{status // 100}xx" if 100 <= status < 600 else "aborted"
+
+
+class RequestCounters:
+    """Requests by (app, region, status class), a latency histogram, upstream errors by kind."""
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, str], int] = {}
+        self.latency = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.latency_sum = 0.0
+        self.upstream_errors: dict[str, int] = {}
+        self._apps: set[str] = set()
+        self._regions: set[str] = set()
+
+    def finished(self, req: Request, now: float | None = None) -> None:
+        """Count a request whose answer is done (``req.status`` 0: none was sent; 101: a tunnel, not in
+        the latency histogram)."""
+        elapsed = (time.monotonic() if now is None else now) - req.started
+        app = req.app or NONE
+        if app not in self._apps:
+            if len(self._apps) >= MAX_APPS:
+                app = OTHER
+            else:
+                self._apps.add(app)
+        region = req.region or NONE
+        if region not in self._regions:
+            if len(self._regions) >= MAX_REGIONS:
+                region = OTHER
+            else:
+                self._regions.add(region)
+        key = (app, region, status_class(req.status))
+        self.requests[key] = self.requests.get(key, 0) + 1
+        if req.status == 101:
+            return  # a WebSocket tunnel: how long it stayed open is not a latency
+        self.latency[bisect_left(LATENCY_BUCKETS, elapsed)] += 1
+        self.latency_sum += elapsed
+
+    def upstream_error(self, kind: str) -> None:
+        self.upstream_errors[kind] = self.upstream_errors.get(kind, 0) + 1
+
+
+class WorkerStats(msgspec.Struct, forbid_unknown_fields=False):
+    """One worker's snapshot: counters since it started, and gauges now."""
+
+    pid: int
+    counters: dict[str, int]
+    """``Worker.stats``: ``requests``, ``error_<code>``, ``queue_full``, ``replays``..."""
+    requests: list[tuple[str, str, str, int]]
+    """(app, region, status class, count)."""
+    latency: list[int]
+    """Per bucket of :data:`LATENCY_BUCKETS` and +Inf (not cumulative)."""
+    latency_sum: float
+    upstream_errors: dict[str, int]
+    in_flight: int
+    waiting: int
+    connections: int
+    instances: list[tuple[str, str, int]]
+    """(instance, app, in-flight slots)."""
+    table_ready: bool
+    table_counts: dict[str, int]
+    table_stats: dict[str, int]
+    table_problems: int
+    outliers: dict[str, int]
+
+
+def snapshot(worker: Worker) -> WorkerStats:
+    m = worker.metrics
+    loads = dict(
+        worker.balancer.load._load
+    )  # this worker's own slots (a shared tracker's loads() is fleet-wide)
+    top = sorted(loads.items(), key=lambda kv: -kv[1])
+    instances: list[tuple[str, str, int]] = []
+    for iid, n in top[:MAX_INSTANCES]:
+        inst = worker.table.instance(iid)
+        instances.append((iid, inst.app if inst is not None else "", n))
+    rest = sum(n for _, n in top[MAX_INSTANCES:])
+    if rest:
+        instances.append((OTHER, OTHER, rest))
+    return WorkerStats(
+        pid=os.getpid(),
+        counters=dict(worker.stats),
+        requests=[(a, r, c, n) for (a, r, c), n in m.requests.items()],
+        latency=list(m.latency),
+        latency_sum=m.latency_sum,
+        upstream_errors=dict(m.upstream_errors),
+        in_flight=worker.in_flight,
+        waiting=worker.waiting,
+        connections=len(worker.connections),
+        instances=instances,
+        table_ready=worker.table.ready,
+        table_counts=worker.table.counts(),
+        table_stats={k: int(v) for k, v in asdict(worker.table.stats).items()},
+        table_problems=len(worker.table.problems),
+        outliers={k: int(v) for k, v in asdict(worker.balancer.outliers.stats).items()},
+    )
+
+
+def probe(worker: Worker, args: Mapping[str, Any]) -> dict[str, Any]:
+    """The answer to a ``probe``: the loop's lag and one real (slot-free) routing decision."""
+    now = time.monotonic()
+    sent = args.get("sent")
+    lag = max(0.0, now - sent) if isinstance(sent, int | float) else 0.0
+    host = args.get("host")
+    host = host if isinstance(host, str) and host else PROBE_HOST
+    t0 = time.perf_counter()
+    d = worker.balancer.choose_for_host(host, now=asyncio.get_running_loop().time(), acquire=False)
+    route_us = (time.perf_counter() - t0) * 1e6
+    if isinstance(d, Route):
+        decision = f"route {d.instance.id}"
+    elif isinstance(d, Reject):
+        decision = f"reject {d.status} {d.code}"
+    elif isinstance(d, Queue):
+        decision = "queue"
+    elif isinstance(d, Forward):
+        decision = f"forward {d.region}"
+    else:
+        decision = type(d).__name__
+    return {
+        "lag": lag,
+        "route_us": route_us,
+        "decision": decision,
+        "ready": worker.table.ready,
+        "pid": os.getpid(),
+    }
+
+
+__all__ = [
+    "LATENCY_BUCKETS",
+    "MAX_APPS",
+    "RequestCounters",
+    "WorkerStats",
+    "probe",
+    "snapshot",
+    "status_class",
+]
