@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -192,4 +193,68 @@ def test_cluster_propagation_quick() -> None:
             continue
         if any(b"vd-prop-" in a for a in args):
             leftovers.append(b" ".join(args).decode(errors="replace"))
+    assert not leftovers, leftovers
+
+
+def test_routing_table_memory_quick() -> None:
+    payload = _last_json(_run([str(BENCH / "routing_table_memory.py"), "--quick"]))
+    assert payload["bench"] == "routing_table_memory"
+    assert payload["quick"] is True and payload["instances"] == 10_000
+    _positive(
+        payload,
+        [
+            "instances_mib_per_100k_traced",
+            "instances_mib_per_100k_rss",
+            "checks_mib_per_100k_traced",
+            "bytes_per_instance_traced",
+            "machine_snapshot_events_per_s",
+            "change_events_per_s",
+        ],
+    )
+    assert set(payload["traced"]) == {"apps", "instances", "checks", "churn", "churn again", "total"}
+
+
+_MISSING_PROXY_BENCH_TOOLS = [
+    t
+    for t in ("wrk", "nginx", "haproxy", "taskset")
+    if shutil.which(t) is None and shutil.which(t, path="/usr/sbin:/sbin") is None
+]
+
+
+@pytest.mark.skipif(
+    bool(_MISSING_PROXY_BENCH_TOOLS),
+    reason="the proxy benchmark needs the Debian packages wrk, nginx and haproxy (.ci/run installs them); "
+    f"not installed: {', '.join(_MISSING_PROXY_BENCH_TOOLS)}",
+)
+def test_proxy_vs_nginx_quick() -> None:
+    """nginx, HAProxy and Verdigris (with a real agent) in front of one nginx backend, each measured with
+    wrk; no process outlives the benchmark."""
+    payload = _last_json(_run([str(BENCH / "proxy_vs_nginx.py"), "--quick"]))
+    assert payload["bench"] == "proxy_vs_nginx"
+    assert payload["quick"] is True and payload["repeats"] == 1
+    results = payload["results"]
+    assert set(results) == {"small", "16k"}
+    for by in results.values():
+        assert set(by) == {"direct", "nginx", "haproxy", "verdigris"}
+        for name, s in by.items():
+            _positive({k: v["median"] for k, v in s.items() if k != "runs"}, ["rps", "p50_ms", "p99_ms"])
+            if name != "direct":
+                _positive({k: s[k]["median"] for k in ("cpu_us", "cpu_user_us")}, ["cpu_us", "cpu_user_us"])
+            (run,) = s["runs"]
+            assert run["p50_ms"] <= run["p90_ms"] <= run["p99_ms"]
+    for size in ("small", "16k"):
+        assert isinstance(payload["ratios"][size]["verdigris_rps_vs_nginx"], float)
+    assert set(payload["two_workers"]["results"]["small"]) == {"nginx", "haproxy", "verdigris"}
+    assert isinstance(payload["target_met"], bool) and len(payload["targets"]) == 3
+    # every process of the run names its temporary directory (vd-proxybench-<pid>-...) in its environment,
+    # its command line or, for nginx workers (which overwrite both), its open log files
+    leftovers = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            texts = [(proc / "environ").read_bytes(), (proc / "cmdline").read_bytes()]
+            texts += [os.readlink(fd).encode() for fd in (proc / "fd").iterdir()]
+        except OSError:
+            continue
+        if any(b"vd-proxybench-" in t for t in texts):
+            leftovers.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
     assert not leftovers, leftovers
