@@ -7,7 +7,7 @@
 --
 -- Scopes (ARCHITECTURE.md, "State lives at two levels"; docs/store.md, "Scopes"): a table is declared
 -- global by a `-- scope: global` comment line directly above its CREATE TABLE; without one it is regional.
---   global     apps, hostnames, app_regions   coarse, change rarely, replicated among all nodes
+--   global     apps, hostnames, app_regions, region_rtt, proxies   coarse, change rarely, replicated among all nodes
 --   regional   machines, services, checks     fine-grained, change often, never leave the region
 -- A table's scope cannot change once the table exists.
 -- The proxy subscribes to one query per table (verdigris.proxy.table.QUERIES) and joins in memory.
@@ -46,11 +46,15 @@ CREATE INDEX hostnames_app ON hostnames (app);
 
 -- Global summary: the regions an app has instances in, which is all a proxy elsewhere needs to
 -- forward a request for it (coarse: written when an app gains or loses its last instance in a region).
+-- Written by the region's presence publisher (docs/regions.md, "Coarse global state"): a row while the
+-- app has >= 1 started instance there; `capacity` is that count rounded down to a power of two (1, 2, 4,
+-- 8, ...), so it changes only when a bucket boundary is crossed. `updated_at`: unix milliseconds.
 -- scope: global
 CREATE TABLE app_regions (
     app        TEXT NOT NULL DEFAULT '',
     region     TEXT NOT NULL DEFAULT '',
     updated_at INTEGER NOT NULL DEFAULT 0,
+    capacity   INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (app, region)
 );
 
@@ -99,3 +103,27 @@ CREATE TABLE checks (
 );
 
 CREATE INDEX checks_app ON checks (app);
+
+-- Measured round-trip time between two regions' nodes, in milliseconds (`src` measured `dst`). The proxy
+-- reads the rows whose `src` is its region as its distances (nearest region first when it forwards); a
+-- missing pair is looked up the other way round, else the region counts as farthest.
+-- Written by src's presence publisher (docs/regions.md, "Coarse global state"): the median smoothed probe
+-- RTT rounded UP to 1, 2, 5, 10, 20, 50, ... ms, rewritten only when that bucket changes.
+-- scope: global
+CREATE TABLE region_rtt (
+    src        TEXT NOT NULL DEFAULT '',
+    dst        TEXT NOT NULL DEFAULT '',
+    rtt_ms     REAL NOT NULL DEFAULT 0,
+    updated_at INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (src, dst)
+);
+
+-- The edge proxies, registered by each proxy's supervisor at start (docs/proxy.md, "Forwarding across
+-- regions"): `address` ('host:port') is where another region's proxy sends a forwarded request.
+-- scope: global
+CREATE TABLE proxies (
+    id         TEXT PRIMARY KEY,
+    region     TEXT NOT NULL DEFAULT '',
+    address    TEXT NOT NULL DEFAULT '',
+    updated_at INTEGER NOT NULL DEFAULT 0
+);

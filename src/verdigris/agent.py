@@ -14,7 +14,11 @@
   (``[gossip.global]`` too, docs/regions.md) two of them: :attr:`Agent.gossip` is the region's cluster
   (regional tables) and :attr:`Agent.global_gossip` the cluster of every node (global tables). The admin
   commands ``members``, ``status``, ``rejoin`` and ``fault`` take a ``scope`` (``regional`` by default,
-  or ``global``) to say which.
+  or ``global``) to say which;
+* in region mode (unless ``[presence] enabled = false``), the
+  :class:`~verdigris.presence.PresencePublisher`, which keeps this region's rows of the global tables
+  ``app_regions`` and ``region_rtt`` up to date (docs/regions.md, "Coarse global state"); ``ping`` and
+  ``status`` report it under ``presence``.
 
 Start-up problems (a bad schema, a database that cannot be opened, a port in use, another agent on the
 same admin socket) raise :class:`AgentError` with a one-line message, so the CLI can print it and exit
@@ -44,6 +48,7 @@ from verdigris.api.metrics import ApiMetrics, metrics_app
 from verdigris.api.server import ApiServer, ApiSettings
 from verdigris.api.threads import StoreThreads
 from verdigris.config import Addr, Config, LogConfig
+from verdigris.presence import PresencePublisher
 from verdigris.runtime import (
     FaultInjectionDisabled,
     GossipRuntime,
@@ -97,6 +102,9 @@ class Agent:
         the region's cluster (scope ``regional``)."""
         self.global_gossip: GossipRuntime | None = None
         """In region mode (``[gossip.global]``), the global cluster's runtime (scope ``global``)."""
+        self.presence: PresencePublisher | None = None
+        """In region mode (unless ``presence.enabled = false``), the presence publisher
+        (:mod:`verdigris.presence`, docs/regions.md "Coarse global state")."""
 
     @property
     def api_url(self) -> str:
@@ -221,6 +229,18 @@ class Agent:
             message = message.replace("gossip.external-addr", "gossip.global.external-addr")
             raise AgentError(f"global cluster: {message}") from None
         self.global_gossip = global_runtime
+        if config.presence.enabled:
+            presence = PresencePublisher(
+                store=self.store,
+                threads=self.threads,
+                regional=runtime,
+                global_=global_runtime,
+                region=config.gossip.region,
+                config=config.presence,
+                registry=self.metrics.registry,
+            )
+            await presence.start()
+            self.presence = presence
 
     async def _check_admin_free(self, admin: AdminServer) -> None:
         path = admin.path
@@ -260,6 +280,12 @@ class Agent:
     async def stop(self) -> None:
         """Stop accepting, end open streams, close the subscriptions and the store. Idempotent."""
         loop = asyncio.get_running_loop()
+        if self.presence is not None:  # before the runtimes and the store it reads
+            presence, self.presence = self.presence, None
+            try:
+                await presence.stop()
+            except Exception:
+                log.exception("stopping the presence publisher failed")
         runtimes = self._runtimes()
         self.gossip = self.global_gossip = None
         if runtimes:  # both clusters leave at once: each leave may wait for its news to go out
@@ -313,6 +339,7 @@ class Agent:
             else None,
             "region": self.config.gossip.region if self.config.gossip.enabled else None,
             "actors": {scope: store.actor_for(scope).hex() for scope in SCOPES} if store else None,
+            "presence": self.presence.info() if self.presence is not None else None,
         }
 
     def _runtimes(self) -> list[GossipRuntime]:
@@ -339,7 +366,10 @@ class Agent:
         return {"announced_to": self._runtime(command).rejoin()}
 
     async def _status(self, command: dict[str, Any]) -> dict[str, Any]:
-        return await self._runtime(command).status()
+        status = await self._runtime(command).status()
+        if self.presence is not None:
+            status["presence"] = self.presence.info()
+        return status
 
     async def _keys(self, command: dict[str, Any]) -> dict[str, Any]:
         action = command.get("action", "list")

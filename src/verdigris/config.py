@@ -86,6 +86,7 @@ __all__ = [
     "LogFormat",
     "LogLevel",
     "PerfConfig",
+    "PresenceConfig",
     "PrometheusConfig",
     "TelemetryConfig",
     "load_config",
@@ -112,6 +113,9 @@ DEFAULT_MAX_BODY_BYTES: Final = 16 * 1024 * 1024
 """16 MiB: the largest request body the HTTP API accepts by default."""
 DEFAULT_SUBSCRIPTION_BATCH_MS: Final = 5
 DEFAULT_MAX_WRITE_BATCH: Final = 1000
+DEFAULT_PRESENCE_DEBOUNCE_MS: Final = 200
+DEFAULT_PRESENCE_INTERVAL_MS: Final = 5000
+DEFAULT_PRESENCE_TAKEOVER_DELAY_MS: Final = 10000
 DEFAULT_KEYRING_NAME: Final = "keyring.json"
 """The keyring file's name when ``gossip.keyring-path`` is not set; it lives next to the database."""
 MAX_REGION_LEN: Final = 64
@@ -447,12 +451,32 @@ class PerfConfig:
 
 
 @dataclass(frozen=True)
+class PresenceConfig:
+    """``[presence]``: the presence publisher of region mode (docs/regions.md, "Coarse global state");
+    ignored without ``[gossip.global]``.
+
+    Attributes:
+        enabled: run the publisher (``presence.enabled``).
+        debounce_ms: how long after a commit touching ``machines`` the publisher waits before it
+            evaluates (``presence.debounce-ms``).
+        interval_ms: the period of the repair evaluation (``presence.interval-ms``).
+        takeover_delay_ms: how long a mismatch must last before a node that is not its region's
+            designated writer repairs it (``presence.takeover-delay-ms``).
+    """
+
+    enabled: bool = True
+    debounce_ms: int = DEFAULT_PRESENCE_DEBOUNCE_MS
+    interval_ms: int = DEFAULT_PRESENCE_INTERVAL_MS
+    takeover_delay_ms: int = DEFAULT_PRESENCE_TAKEOVER_DELAY_MS
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole, validated agent configuration. Build it with :func:`load_config` or
     :func:`parse_config`; in tests, :meth:`Config.for_db` is a quick way to get the defaults.
 
     Attributes:
-        db, admin, api, gossip, telemetry, log, perf: the sections, named as in the file.
+        db, admin, api, gossip, telemetry, log, perf, presence: the sections, named as in the file.
         source: where the configuration came from (the file path as given), for messages.
     """
 
@@ -464,6 +488,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     perf: PerfConfig = field(default_factory=PerfConfig)
     source: str = "<memory>"
+    presence: PresenceConfig = field(default_factory=PresenceConfig)
 
     @classmethod
     def for_db(
@@ -664,6 +689,19 @@ def _build(document: Mapping[str, object], source: str, base_dir: Path) -> Confi
     max_write_batch = perf.integer("max-write-batch", DEFAULT_MAX_WRITE_BATCH, minimum=1)
     perf.finish()
 
+    presence = root.table("presence")
+    presence_enabled = presence.boolean("enabled", True)
+    presence_debounce = presence.integer(
+        "debounce-ms", DEFAULT_PRESENCE_DEBOUNCE_MS, minimum=0, maximum=60_000
+    )
+    presence_interval = presence.integer(
+        "interval-ms", DEFAULT_PRESENCE_INTERVAL_MS, minimum=100, maximum=3_600_000
+    )
+    presence_takeover = presence.integer(
+        "takeover-delay-ms", DEFAULT_PRESENCE_TAKEOVER_DELAY_MS, minimum=0, maximum=3_600_000
+    )
+    presence.finish()
+
     root.finish()
 
     if prometheus_addr is not None and prometheus_addr == api_addr and api_addr.port != 0:
@@ -693,6 +731,12 @@ def _build(document: Mapping[str, object], source: str, base_dir: Path) -> Confi
         log=LogConfig(level=cast(LogLevel, level), format=cast(LogFormat, log_format), colors=colors),
         perf=PerfConfig(subscription_batch_ms=subscription_batch_ms, max_write_batch=max_write_batch),
         source=source,
+        presence=PresenceConfig(
+            enabled=presence_enabled,
+            debounce_ms=presence_debounce,
+            interval_ms=presence_interval,
+            takeover_delay_ms=presence_takeover,
+        ),
     )
 
 
