@@ -196,6 +196,45 @@ def test_cluster_propagation_quick() -> None:
     assert not leftovers, leftovers
 
 
+def test_blast_radius_quick() -> None:
+    """3 regions x 2 real agents, region mode then one fleet-wide cluster, churn in region a: nothing
+    regional leaves region a in region mode, all of it does fleet-wide; no agent outlives the benchmark."""
+    payload = _last_json(_run([str(BENCH / "blast_radius.py"), "--quick"]))
+    assert payload["bench"] == "blast_radius"
+    assert payload["quick"] is True and payload["regions"] == 3 and payload["nodes_per_region"] == 2
+    assert set(payload["targets_met"]) == {
+        "zero_regional_outside",
+        "global_writes_bounded",
+        "propagation_no_worse",
+    }
+    assert all(isinstance(v, bool) for v in payload["targets_met"].values())
+    assert payload["targets_met"]["zero_regional_outside"] is True
+    a, b = payload["by_region"]["a_region_mode"], payload["by_region"]["b_fleet_wide"]
+    for region in ("b", "c"):
+        assert a[region]["outside_a"] == {
+            "regional_changesets_applied": 0,
+            "a_regional_versions_held": 0,
+            "rows": 0,
+            "books_of_a_regional_actors": 0,
+        }
+        assert b[region]["outside_a"]["rows"] > 0 and b[region]["changesets_applied_per_node_total"] > 0
+    _positive(a["a"]["changesets_applied_per_node"], ["regional"])
+    assert payload["global_writes_b"] > payload["events"]["check_flap"]  # every change set went fleet-wide
+    for phase in ("a_region_mode", "b_fleet_wide"):
+        p = payload["propagation"][phase]
+        _positive(p, ["probes", "p50_s", "p99_s"])
+        assert p["p50_s"] <= p["p99_s"]
+    leftovers = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(b"vd-blast-" in x for x in args):
+            leftovers.append(b" ".join(args).decode(errors="replace"))
+    assert not leftovers, leftovers
+
+
 def test_routing_table_memory_quick() -> None:
     payload = _last_json(_run([str(BENCH / "routing_table_memory.py"), "--quick"]))
     assert payload["bench"] == "routing_table_memory"
