@@ -504,6 +504,13 @@ async def test_wrong_key_and_plaintext_nodes_cannot_join(cluster: Cluster) -> No
     }
     assert counts["auth_failed"] >= 3 and counts["plaintext_refused"] >= 3, counts
     assert 'verdigris_gossip_members{state="alive"} 2.0' in text
+    wire = {
+        line.split("{", 1)[1].split("}", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("verdigris_gossip_bytes_total{")
+    }
+    # Every datagram counted: at least the 2 × 3 dropped ones came in, and a has been gossiping to b.
+    assert wire['direction="in",transport="udp"'] > 0 and wire['direction="out",transport="udp"'] > 0, wire
     # A write on the intruder never reaches the cluster, while cluster writes still flow.
     assert await intruder.write([[UPSERT, ["intruder", 1, "x"]]]) is not None
     assert await a.write([[UPSERT, ["member", 1, "a"]]]) is not None

@@ -178,6 +178,8 @@ class RuntimeStats:
 
     datagrams_in: int = 0
     datagrams_out: int = 0
+    bytes: dict[tuple[str, str], int] = field(default_factory=dict)
+    """Bytes on the wire by (transport, direction): sealed datagrams; sync frames, counted per session."""
     send_errors: int = 0
     unknown_family: int = 0
     internal_errors: int = 0
@@ -194,6 +196,10 @@ class RuntimeStats:
     """Received pieces dropped because the merge queue was full (sync brings them later)."""
     local_skipped: int = 0
     """Local versions not broadcast because the backlog was full (sync spreads them)."""
+
+    def count_bytes(self, transport: str, direction: str, n: int) -> None:
+        key = (transport, direction)
+        self.bytes[key] = self.bytes.get(key, 0) + n
 
     def count_session(self, role: str, result: str) -> None:
         key = (role, result)
@@ -754,6 +760,7 @@ class GossipRuntime:
             self.faults.dropped_in += 1
             return
         self.stats.datagrams_in += 1
+        self.stats.count_bytes("udp", "in", len(data))
         try:
             payload = self.udp_codec.open(data, time.time())
         except DecodeError:
@@ -795,6 +802,7 @@ class GossipRuntime:
             self._log.debug("sending to %s failed: %s", _fmt(addr), e)
             return
         self.stats.datagrams_out += 1
+        self.stats.count_bytes("udp", "out", len(packet))
 
     def _pump_membership(self, now: float) -> None:
         m = self.membership
@@ -1270,6 +1278,7 @@ class GossipRuntime:
             self._client_sessions.pop(peer.id, None)
             if stream is not None:
                 await stream.aclose()
+                self._count_stream_bytes(stream)
         ok = client.phase is Phase.DONE
         error = client.error
         self._log.debug("sync with %s: ok=%s, %d new", peer.id, ok, received)
@@ -1279,6 +1288,10 @@ class GossipRuntime:
         elif received:
             self._log.debug("sync with %s brought %d new version(s)", peer.id, received)
         return ok, received
+
+    def _count_stream_bytes(self, stream: SealedStream) -> None:
+        self.stats.count_bytes("tcp", "out", stream.bytes_sent)
+        self.stats.count_bytes("tcp", "in", stream.bytes_received)
 
     def _stream_failed(self, error: StreamError, peer: object) -> None:
         self.stats.count_stream_error(error.reason)
@@ -1339,6 +1352,7 @@ class GossipRuntime:
         finally:
             self._server_sessions.discard(task)
             await stream.aclose()
+            self._count_stream_bytes(stream)
             if result is None:
                 error = server.error
                 result = "ok" if server.phase is Phase.DONE else (error.kind.value if error else "aborted")

@@ -98,6 +98,13 @@ class GossipCollector:
         datagrams = family(
             CounterMetricFamily, "verdigris_gossip_datagrams", "Datagrams sent and received.", ["direction"]
         )
+        wire_bytes = family(
+            CounterMetricFamily,
+            "verdigris_gossip_bytes",
+            "Bytes on the wire by transport and direction (UDP datagrams as sealed; TCP sync frames, "
+            "added when a sync session ends).",
+            ["transport", "direction"],
+        )
         faults = family(
             CounterMetricFamily,
             "verdigris_gossip_fault_dropped",
@@ -168,6 +175,9 @@ class GossipCollector:
 
             datagrams.add_metric([*p, "in"], st.datagrams_in)
             datagrams.add_metric([*p, "out"], st.datagrams_out)
+            for transport in ("udp", "tcp"):
+                for direction in ("in", "out"):
+                    wire_bytes.add_metric([*p, transport, direction], st.bytes.get((transport, direction), 0))
 
             faults.add_metric([*p, "datagram_in"], rt.faults.dropped_in)
             faults.add_metric([*p, "datagram_out"], rt.faults.dropped_out)
@@ -210,6 +220,7 @@ class GossipCollector:
             bad,
             stream,
             datagrams,
+            wire_bytes,
             faults,
             broadcasts,
             pieces,
