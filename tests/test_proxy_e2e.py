@@ -374,8 +374,8 @@ def test_replay_region_lists(e2e: E2E) -> None:
     assert r[0] == 200
     r = replay(e2e, "rg3", "region=xyz")  # only xyz: a clear failure
     assert error_code(r) == (503, "no_instance_in_region") and b"replay failed" in r[2]
-    r = replay(e2e, "rg4", 'region="fra"')  # rp has an instance in fra: forwarding is not done yet
-    assert error_code(r) == (502, "no_healthy_instance") and b"not supported" in r[2]
+    r = replay(e2e, "rg4", 'region="fra"')  # rp has an instance in fra, but this proxy has no peer_token
+    assert error_code(r) == (503, "no_healthy_instance") and b"needs [proxy] peer_token" in r[2]
     assert [r["server"] for r in e2e.everywhere("rg3")] == ["R1"]  # only the first request
 
 
@@ -531,8 +531,8 @@ def test_routing_headers(e2e: E2E) -> None:
     assert request(e2e, "GET", "/h5", headers={"fly-prefer-region": "xyz"})[0] == 200
     r = request(e2e, "GET", "/h6", headers={"fly-force-region": "xyz"})
     assert error_code(r) == (503, "no_instance_in_region")
-    r = request(e2e, "GET", "/h7", headers={"fly-force-region": "fra"})  # forwarding: not done yet
-    assert error_code(r) == (503, "no_healthy_instance") and b"not supported" in r[2]
+    r = request(e2e, "GET", "/h7", headers={"fly-force-region": "fra"})  # no peer_token: no forwarding
+    assert error_code(r) == (503, "no_healthy_instance") and b"needs [proxy] peer_token" in r[2]
     r = request(e2e, "GET", "/h8", headers={"fly-force-instance-id": "rpf"})
     assert error_code(r) == (503, "no_healthy_instance")
     r = request(e2e, "GET", "/h9", headers={"fly-force-instance-id": "al1"})  # another app's instance

@@ -54,6 +54,8 @@ def view(
         },
         "all": {a: sorted(i.id for i in t.instances(a)) for a in apps},
         "services": {a: dict(t.services(a)) for a in apps},
+        "proxies": {r: sorted(p.id for p in t.proxies(r)) for r in regions},
+        "distances": {r: dict(t.distances(r)) for r in regions},
         "counts": t.counts(),
     }
 
@@ -304,8 +306,27 @@ ROW_STRATEGIES: dict[str, Any] = {
         st.sampled_from(["http", "tcp"]),
         st.sampled_from(["passing", "warning", "critical"]),
     ),
+    "proxies": st.tuples(
+        st.sampled_from(["p1", "p2", ""]),
+        st.sampled_from(REGIONS_D),
+        st.sampled_from(["10.0.0.1:8000", "bad", "[::1]:8000"]),
+    ),
+    "region_rtt": st.tuples(
+        st.sampled_from(REGIONS_D),
+        st.sampled_from(REGIONS_D),
+        st.one_of(st.integers(-1, 50), st.floats(0, 100), st.just("x")),
+    ),
 }
-PK_LEN = {"apps": 1, "hostnames": 1, "app_regions": 2, "machines": 1, "services": 2, "checks": 2}
+PK_LEN = {
+    "apps": 1,
+    "hostnames": 1,
+    "app_regions": 2,
+    "machines": 1,
+    "services": 2,
+    "checks": 2,
+    "proxies": 1,
+    "region_rtt": 2,
+}
 
 
 @st.composite

@@ -73,6 +73,8 @@ def test_platform_schema_scopes() -> None:
         "machines": "regional",
         "services": "regional",
         "checks": "regional",
+        "proxies": "global",
+        "region_rtt": "global",
     }
 
 

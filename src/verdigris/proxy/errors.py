@@ -59,6 +59,8 @@ class ErrorCode(StrEnum):
     """The instance did not answer in time."""
     UPSTREAM_BAD_RESPONSE = "upstream_bad_response"
     """The instance answered with something that is not HTTP, or closed mid-response."""
+    FORWARD_LOOP = "forward_loop"
+    """A request that was already forwarded between regions would have to be forwarded again (508)."""
 
 
 @dataclass(frozen=True, slots=True)

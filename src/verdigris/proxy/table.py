@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import re
 from collections import deque
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from sys import intern
 from typing import Final, Literal, TypeAlias
@@ -70,6 +70,8 @@ QUERIES: Final[Mapping[str, str]] = {
     "machines": "SELECT id, app, region, state, address FROM machines",
     "services": "SELECT app, port, protocol, handlers, internal_port, force_https FROM services",
     "checks": "SELECT machine, name, status FROM checks",
+    "proxies": "SELECT id, region, address FROM proxies",
+    "region_rtt": "SELECT src, dst, rtt_ms FROM region_rtt",
 }
 """The subscriptions the table is built from: name -> SQL. Each is a plain single-table SELECT, which the
 agent maintains incrementally by primary key."""
@@ -81,7 +83,13 @@ _REQUIRED: Final[Mapping[str, tuple[str, ...]]] = {
     "machines": ("id", "app", "region", "state", "address"),
     "services": ("app", "port", "protocol", "handlers", "internal_port", "force_https"),
     "checks": ("machine", "name", "status"),
+    "proxies": ("id", "region", "address"),
+    "region_rtt": ("src", "dst", "rtt_ms"),
 }
+
+OPTIONAL: Final = frozenset({"proxies", "region_rtt"})
+"""Subscriptions :attr:`RoutingTable.ready` does not wait for: without them (an agent whose schema does
+not have the tables yet) the proxy routes locally and cannot forward to other regions."""
 
 DEFAULT_CONCURRENCY: Final[Concurrency] = "requests"
 HOST_CACHE_SIZE: Final = 4096
@@ -153,7 +161,54 @@ class _Check:
     passing: bool
 
 
-_Record: TypeAlias = App | Instance | Service | _Hostname | _AppRegion | _Check
+@dataclass(frozen=True, slots=True)
+class PeerProxy:
+    """A proxy registered in the ``proxies`` table: where a request forwarded to its region goes."""
+
+    id: str
+    region: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Rtt:
+    src: str
+    dst: str
+    rtt_ms: float
+
+
+class Distances(Mapping[str, float]):
+    """Region -> RTT in ms from ``region``, read live from the table's ``region_rtt`` rows (a pair
+    measured only the other way round counts too). Given to the balancer as its ``distances``."""
+
+    def __init__(self, table: RoutingTable, region: str) -> None:
+        self._table = table
+        self._region = region
+
+    def __getitem__(self, dst: str) -> float:
+        rtt = self._table._rtt
+        v = rtt.get(self._region, {}).get(dst)
+        if v is None:
+            v = rtt.get(dst, {}).get(self._region)
+        if v is None:
+            raise KeyError(dst)
+        return v
+
+    def __iter__(self) -> Iterator[str]:
+        rtt = self._table._rtt
+        keys = set(rtt.get(self._region, ()))
+        keys.update(src for src, d in rtt.items() if self._region in d)
+        return iter(sorted(keys))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def __bool__(self) -> bool:  # an empty view is still the live one
+        return True
+
+
+_Record: TypeAlias = App | Instance | Service | _Hostname | _AppRegion | _Check | PeerProxy | _Rtt
 
 
 @dataclass(frozen=True, slots=True)
@@ -341,6 +396,10 @@ class RoutingTable:
         self._healthy: dict[str, dict[str, dict[str, Instance]]] = {}
         """app -> region -> id -> instance, for healthy instances only: kept up to date on every machine or
         check change (rare) so that choosing an instance (every request) never evaluates health."""
+        self._proxies: dict[str, dict[str, PeerProxy]] = {}
+        """region -> proxy id -> proxy (the ``proxies`` rows)."""
+        self._rtt: dict[str, dict[str, float]] = {}
+        """src -> dst -> RTT in ms (the ``region_rtt`` rows)."""
 
     # -------------------------------------------------------------------------------- subscriptions
 
@@ -351,7 +410,7 @@ class RoutingTable:
     @property
     def ready(self) -> bool:
         """Every subscription has delivered a complete snapshot at least once."""
-        return all(f.ready for f in self._feeds.values())
+        return all(f.ready for f in self._feeds.values() if f.name not in OPTIONAL)
 
     def attached(self, name: str, query_id: str | None) -> None:
         """Record the agent's id of subscription ``name`` (``corro-query-id``), to resume it later."""
@@ -520,6 +579,10 @@ class RoutingTable:
                 self._recheck(rec.id)
             case Service():
                 self._services.setdefault(rec.app, {})[rec.port] = rec
+            case PeerProxy():
+                self._proxies.setdefault(rec.region, {})[rec.id] = rec
+            case _Rtt(src, dst, rtt_ms):
+                self._rtt.setdefault(src, {})[dst] = rtt_ms
             case _Check(machine, name, passing):
                 checks = self._checks.setdefault(machine, {})
                 if name in checks and not checks[name]:
@@ -559,6 +622,18 @@ class RoutingTable:
                     del ports[rec.port]
                     if not ports:
                         del self._services[rec.app]
+            case PeerProxy():
+                by_id = self._proxies.get(rec.region)
+                if by_id is not None and by_id.get(rec.id) == rec:
+                    del by_id[rec.id]
+                    if not by_id:
+                        del self._proxies[rec.region]
+            case _Rtt(src, dst, rtt_ms):
+                dsts = self._rtt.get(src)
+                if dsts is not None and dsts.get(dst) == rtt_ms:
+                    del dsts[dst]
+                    if not dsts:
+                        del self._rtt[src]
             case _Check(machine, name, passing):
                 checks = self._checks.get(machine)
                 if checks is None or checks.get(name) != passing:
@@ -669,6 +744,14 @@ class RoutingTable:
     def services(self, app: str) -> Mapping[int, Service]:
         return self._services.get(app, {})
 
+    def proxies(self, region: str) -> Collection[PeerProxy]:
+        """The proxies registered in ``region`` (``proxies`` rows with a valid address)."""
+        return self._proxies.get(region, {}).values()
+
+    def distances(self, region: str) -> Distances:
+        """A live view of the RTTs from ``region`` (``region_rtt``), for :class:`Balancer` ``distances``."""
+        return Distances(self, region)
+
     def counts(self) -> dict[str, int]:
         """Sizes of the derived indexes (for metrics and tests)."""
         return {
@@ -680,6 +763,8 @@ class RoutingTable:
             "healthy_instances": sum(len(ids) for r in self._healthy.values() for ids in r.values()),
             "services": sum(len(s) for s in self._services.values()),
             "app_regions": sum(len(r) for r in self._summary.values()),
+            "proxies": sum(len(p) for p in self._proxies.values()),
+            "region_rtt": sum(len(d) for d in self._rtt.values()),
         }
 
 
@@ -750,6 +835,25 @@ def _decode_check(values: list[SqlValue], ix: Mapping[str, int], warn: list[str]
     )
 
 
+def _decode_proxy(values: list[SqlValue], ix: Mapping[str, int], warn: list[str]) -> PeerProxy:
+    pid = _key(_text(values, ix, "id"), "proxy id")
+    region = _key(_text(values, ix, "region"), "region")
+    address = _text(values, ix, "address")
+    hp = parse_address(address)
+    if hp is None:
+        raise _BadRow(f"proxy {pid}: address {address!r} is not host:port")
+    return PeerProxy(pid, region, hp[0], hp[1])
+
+
+def _decode_rtt(values: list[SqlValue], ix: Mapping[str, int], warn: list[str]) -> _Rtt:
+    src = _key(_text(values, ix, "src"), "region")
+    dst = _key(_text(values, ix, "dst"), "region")
+    v = values[ix["rtt_ms"]]
+    if isinstance(v, bool) or not isinstance(v, int | float) or not v >= 0 or v == float("inf"):
+        raise _BadRow(f"rtt {src} -> {dst}: {v!r} is not a number of milliseconds")
+    return _Rtt(src, dst, float(v))
+
+
 _DECODERS: Final[Mapping[str, Callable[[list[SqlValue], Mapping[str, int], list[str]], _Record]]] = {
     "apps": _decode_app,
     "hostnames": _decode_hostname,
@@ -757,16 +861,21 @@ _DECODERS: Final[Mapping[str, Callable[[list[SqlValue], Mapping[str, int], list[
     "machines": _decode_machine,
     "services": _decode_service,
     "checks": _decode_check,
+    "proxies": _decode_proxy,
+    "region_rtt": _decode_rtt,
 }
 
 
 __all__ = [
     "DEFAULT_CONCURRENCY",
+    "OPTIONAL",
     "QUERIES",
     "App",
     "Concurrency",
+    "Distances",
     "FeedProblem",
     "Instance",
+    "PeerProxy",
     "ProblemKind",
     "RoutingTable",
     "Service",
