@@ -189,7 +189,8 @@ def proxy(env: Env, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[
         tmp_path_factory.mktemp("metrics-proxy"),
         env.agent.url,
         name="mproxy",
-        extra=f'metrics_listen = "127.0.0.1:{port}"\nprobe_interval = 0.1\nprobe_deadline = 0.5\n',
+        # watchdog off: a stopped worker is only counted here (tests/test_proxy_watchdog.py: replaced)
+        extra=f'metrics_listen = "127.0.0.1:{port}"\nprobe_interval = 0.1\nprobe_deadline = 0.5\nwatchdog = false\n',
     )
     try:
         p.wait_routes("web.test")
@@ -285,6 +286,7 @@ def test_killed_worker_is_restarted_and_counted(proxy: tuple[Proxy, int]) -> Non
         lambda s: (
             s.get('verdigris_proxy_worker_pid{worker="0"}', pid) != pid
             and s.get('verdigris_proxy_worker_up{worker="0"}') == 1
+            and s.get('verdigris_proxy_table_ready{worker="0"}') == 1  # 503 not_ready until re-subscribed
         ),
         "restart of worker 0",
     )

@@ -12,6 +12,12 @@
     metrics_listen = "127.0.0.1:9100"  # optional: the supervisor serves Prometheus text at /metrics
     probe_interval = 0.25            # seconds between the supervisor's probes of each worker
     probe_deadline = 1.0             # a worker that does not answer a probe within this is stuck
+    watchdog = true                  # replace a stuck worker (stacks dumped first); false: only count
+    stack_dir = "/var/tmp/vd-stacks" # where stuck workers' stacks are kept (the last 20; default: temp dir)
+    fault_injection = false          # tests only: the /fault/* endpoints (with metrics_listen)
+    id = "ams-edge-1"                # this proxy's row in the global `proxies` table (default: derived)
+    external_addr = "10.0.0.5:8000"  # where other regions' proxies reach it (default: listen)
+    peer_token = "..."               # shared by every proxy: authenticates forwarded requests
 
     [proxy.timeouts]                 # seconds
     header_read = 10.0
@@ -30,6 +36,7 @@ and every problem is reported in one :class:`ProxyConfigError`.
 
 from __future__ import annotations
 
+import socket
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +82,11 @@ class ProxyHeaders:
     client_ip: str = "fly-client-ip"
     error_code: str = "fly-error-code"
     via: str = "verdigris"
+    forwarded_hops: str = "fly-forwarded-hops"
+    """On a request forwarded to another region's proxy: the hop count (1). Trusted only together with
+    a valid ``peer_token`` header."""
+    peer_token: str = "verdigris-peer-token"
+    """Carries the shared ``[proxy] peer_token`` on requests between proxies."""
 
 
 @dataclass(frozen=True)
@@ -100,10 +112,51 @@ class ProxyConfig:
     probe_interval: float = 0.25
     """Seconds between the supervisor's probes of each worker over its control channel."""
     probe_deadline: float = 1.0
-    """A probe not answered within this is a probe timeout (logged and counted); also the limit on a
-    worker's answer to a metrics scrape."""
+    """A probe not answered within this (counted from its send) is a probe timeout: the worker is stuck
+    (replaced when ``watchdog`` is on); also the limit on a worker's answer to a metrics scrape."""
+    watchdog: bool = True
+    """Replace a worker that misses a probe deadline (its stacks dumped first); off: only log and count."""
+    stack_dir: str | None = None
+    """Where stuck workers' stack dumps go (the newest ``STACK_KEEP`` are kept); default
+    :meth:`stack_directory`."""
+    fault_injection: bool = False
+    """Tests only: with ``metrics_listen``, the supervisor serves ``POST /fault/stall`` and
+    ``/fault/crashloop``, and workers accept the ``stall`` and ``crash`` control ops. Off by default."""
     timeouts: ProxyTimeouts = field(default_factory=ProxyTimeouts)
     headers: ProxyHeaders = field(default_factory=ProxyHeaders)
+    id: str | None = None
+    """This proxy's id in the global ``proxies`` table (default: :meth:`proxy_id`)."""
+    external_addr: Addr | None = None
+    """The address other regions' proxies connect to (default: ``listen``)."""
+    peer_token: str | None = None
+    """The secret shared by the fleet's proxies. Without it this proxy neither forwards nor trusts
+    forwarded requests (their hop and client headers are stripped as any client's)."""
+
+    def stack_directory(self) -> str:
+        """``stack_dir``, else ``verdigris-proxy-stacks`` in the system's temporary directory."""
+        if self.stack_dir is not None:
+            return self.stack_dir
+        import tempfile
+
+        return str(Path(tempfile.gettempdir()) / "verdigris-proxy-stacks")
+
+    def proxy_id(self) -> str:
+        """The configured ``id``, else ``<region>-<host>-<port>`` from the external address (the host
+        name when it is a wildcard address)."""
+        if self.id is not None:
+            return self.id
+        host, port = self.peer_address()
+        return f"{self.region}-{host}-{port}"
+
+    def peer_address(self) -> Addr:
+        """Where other proxies reach this one: ``external_addr``, else ``listen`` (a wildcard host replaced
+        by this machine's host name)."""
+        if self.external_addr is not None:
+            return self.external_addr
+        host, port = self.listen
+        if host in ("0.0.0.0", "::", ""):
+            host = socket.gethostname()
+        return Addr(host, port)
 
 
 _TOP = {
@@ -120,6 +173,12 @@ _TOP = {
     "metrics_listen",
     "probe_interval",
     "probe_deadline",
+    "watchdog",
+    "stack_dir",
+    "fault_injection",
+    "id",
+    "external_addr",
+    "peer_token",
 }
 _TIMEOUTS = set(ProxyTimeouts.__dataclass_fields__)
 _HEADERS = set(ProxyHeaders.__dataclass_fields__)
@@ -187,6 +246,16 @@ def parse_proxy_config(doc: dict[str, Any], where: str = "<config>") -> ProxyCon
                 kw[key] = parse_addr(str(value))
             except ValueError as e:
                 errors.append(f"{dotted}: {e}")
+        elif key == "external_addr":
+            try:
+                if not isinstance(value, str):
+                    raise ValueError(f'expected a "host:port" string, got {value!r}')
+                addr = parse_addr(value)
+                if addr.port == 0 or addr.host in ("0.0.0.0", "::"):
+                    raise ValueError(f"{value!r} is not an address another proxy can connect to")
+                kw[key] = addr
+            except ValueError as e:
+                errors.append(f"{dotted}: {e}")
         elif key == "metrics_listen":
             try:
                 if not isinstance(value, str):
@@ -194,6 +263,11 @@ def parse_proxy_config(doc: dict[str, Any], where: str = "<config>") -> ProxyCon
                 kw[key] = parse_addr(value)
             except ValueError as e:
                 errors.append(f"{dotted}: {e}")
+        elif key in ("watchdog", "fault_injection"):
+            if isinstance(value, bool):
+                kw[key] = value
+            else:
+                errors.append(f"{dotted}: expected true or false, got {value!r}")
         elif key in ("probe_interval", "probe_deadline"):
             v = num(sec, key, dotted, integer=False, minimum=0.01)
             if v is not None:

@@ -18,6 +18,8 @@ Operations (the worker's handlers are in :mod:`verdigris.proxy.stats`):
   the time of one real routing decision (a host lookup and ``Balancer.choose_for_host`` without taking a
   slot).
 - ``stats``: answers a :class:`~verdigris.proxy.stats.WorkerStats` snapshot (for metrics).
+- ``stall`` / ``crash``: fault injection (:mod:`verdigris.proxy.watchdog`), only in a worker whose
+  ``[proxy] fault_injection`` is on (``worker_main`` adds them with :func:`add_process_handlers`).
 
 An unknown ``op`` or a handler that fails gets ``{"ok": false, "error": ...}``; a frame that cannot be
 decoded (oversize, truncated, not JSON, not a request) raises :class:`FrameError` on the reading side,
@@ -130,6 +132,14 @@ async def open_channel(sock: socket.socket) -> tuple[asyncio.StreamReader, async
 
 Handler = Callable[[Mapping[str, Any]], Any]
 
+_process_handlers: dict[str, Handler] = {}
+
+
+def add_process_handlers(handlers: Mapping[str, Handler]) -> None:
+    """Ops served by every :class:`ControlServer` created afterwards in this process (ops that need no
+    worker state, e.g. fault injection); a server's own handlers take precedence."""
+    _process_handlers.update(handlers)
+
 
 class ControlServer:
     """The worker's end: reads requests on its event loop and answers each at once with ``handlers[op]``.
@@ -140,7 +150,7 @@ class ControlServer:
         self, sock: socket.socket, handlers: Mapping[str, Handler], on_close: Callable[[], None] | None = None
     ) -> None:
         self.sock = sock
-        self.handlers = dict(handlers)
+        self.handlers = {**_process_handlers, **handlers}
         self.on_close = on_close
         self.served = 0
         self._task: asyncio.Task[None] | None = None
@@ -282,6 +292,7 @@ __all__ = [
     "ControlServer",
     "ControlTimeout",
     "FrameError",
+    "add_process_handlers",
     "decode_body",
     "encode_frame",
     "read_frame",

@@ -19,7 +19,17 @@ Series, all prefixed ``verdigris_proxy_``:
 - per worker (``worker`` label): ``worker_up``, ``worker_pid``, ``worker_restarts_total``,
   ``probe_timeouts_total``, ``probe_errors_total``, ``stats_timeouts_total``, ``event_loop_lag_seconds``,
   ``probe_rtt_seconds``, ``probe_route_seconds``, ``table_ready``, ``table_entries{kind}``,
-  ``table_problems``; and ``table_events_total{kind}``, ``outlier_events_total{kind}`` summed.
+  ``table_problems``, ``worker_restart_backoff_seconds``; and ``table_events_total{kind}``,
+  ``outlier_events_total{kind}`` summed;
+- the watchdog (:mod:`verdigris.proxy.watchdog`): ``watchdog_restarts_total{reason}`` (probe_timeout:
+  stuck, replaced; startup_timeout: no first answer in 30 s, replaced; exited: died on its own),
+  the ``watchdog_detection_seconds`` histogram (a stuck worker's unanswered probe, from its send to the
+  decision) and ``watchdog_last_detection_seconds``, ``watchdog_stall_causes_total{cause}`` (the main
+  thread's innermost frame, ``file.py:function``; at most 50, then ``other``),
+  ``watchdog_stack_dumps_total{result}`` (complete, threads, tasks, none) and ``watchdog_stack_files``.
+
+With ``[proxy] fault_injection = true`` (tests only) the same server also takes ``POST
+/fault/stall?worker=N&seconds=S`` and ``POST /fault/crashloop?worker=N&times=K``.
 """
 
 from __future__ import annotations
@@ -39,7 +49,9 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from verdigris.proxy.control import ControlError
 from verdigris.proxy.stats import LATENCY_BUCKETS, WorkerStats
+from verdigris.proxy.watchdog import DETECTION_BUCKETS
 
 if TYPE_CHECKING:
     from verdigris.proxy.worker import Supervisor
@@ -255,6 +267,9 @@ class ProxyCollector(Collector):
             "age": GaugeMetricFamily(
                 P + "worker_stats_age_seconds", "Age of the worker's snapshot used here.", labels=["worker"]
             ),
+            "backoff": GaugeMetricFamily(
+                P + "worker_restart_backoff_seconds", "Delay before the slot's last restart (crash-loop backoff).", labels=["worker"]
+            ),
         }  # fmt: skip
         for s in slots:
             lw = [str(s.index)]
@@ -272,7 +287,52 @@ class ProxyCollector(Collector):
                 fams["route"].add_metric(lw, s.route_us / 1e6)
             if s.stats_at is not None:
                 fams["age"].add_metric(lw, now - s.stats_at)
+            fams["backoff"].add_metric(lw, s.backoff.delay)
         yield from fams.values()
+        yield from _watchdog(sup)
+
+
+def _watchdog(sup: Supervisor) -> Iterator[Metric]:
+    w = sup.watchdog
+    m = CounterMetricFamily(
+        P + "watchdog_restarts",
+        "Workers restarted, by reason (stuck workers are replaced).",
+        labels=["reason"],
+    )
+    for reason, n in sorted(w.restarts.items()):
+        m.add_metric([reason], n)
+    yield m
+    cumulative, acc = [], 0
+    for bound, n in zip((*DETECTION_BUCKETS, float("inf")), w.detection, strict=True):
+        acc += n
+        cumulative.append((_le(bound), acc))
+    yield HistogramMetricFamily(
+        P + "watchdog_detection_seconds",
+        "A stuck worker's unanswered probe: from its send to the decision to replace the worker.",
+        buckets=cumulative,
+        sum_value=w.detection_sum,
+    )
+    g = GaugeMetricFamily(P + "watchdog_last_detection_seconds", "The last stuck worker's detection time.")
+    if w.last_detection is not None:
+        g.add_metric([], w.last_detection)
+    yield g
+    m = CounterMetricFamily(
+        P + "watchdog_stall_causes",
+        "Stuck workers by the innermost frame of their main thread.",
+        labels=["cause"],
+    )
+    for cause, n in sorted(w.causes.items()):
+        m.add_metric([cause], n)
+    yield m
+    m = CounterMetricFamily(
+        P + "watchdog_stack_dumps",
+        "Stack dumps of stuck workers, by what was obtained in time.",
+        labels=["result"],
+    )
+    for result, n in sorted(w.dumps.items()):
+        m.add_metric([result], n)
+    yield m
+    yield GaugeMetricFamily(P + "watchdog_stack_files", "Stack files kept in stack_dir.", value=w.stack_files)
 
 
 def _le(bound: float) -> str:
@@ -291,7 +351,46 @@ def metrics_app(supervisor: Supervisor) -> web.Application:
     app = web.Application()
     app.router.add_get("/metrics", handle)
     app.router.add_get("/", handle)
+    if supervisor.config.fault_injection:
+        _fault_routes(app, supervisor)
     return app
+
+
+def _fault_routes(app: web.Application, sup: Supervisor) -> None:
+    """``POST /fault/stall?worker=N&seconds=S``, ``POST /fault/crashloop?worker=N&times=K`` (fault
+    injection only)."""
+
+    def worker_arg(request: web.Request) -> int:
+        try:
+            index = int(request.query.get("worker", "0"))
+        except ValueError:
+            raise web.HTTPBadRequest(text="worker: expected an integer") from None
+        if not 0 <= index < len(sup.slots):
+            raise web.HTTPBadRequest(text=f"worker: 0 to {len(sup.slots) - 1}")
+        return index
+
+    async def stall(request: web.Request) -> web.Response:
+        index = worker_arg(request)
+        try:
+            seconds = float(request.query.get("seconds", "5"))
+            return web.json_response(await sup.fault_stall(index, seconds))
+        except ValueError:
+            raise web.HTTPBadRequest(text="seconds: expected a number") from None
+        except ControlError as e:
+            raise web.HTTPConflict(text=str(e)) from None
+
+    async def crashloop(request: web.Request) -> web.Response:
+        index = worker_arg(request)
+        try:
+            times = int(request.query.get("times", "3"))
+            return web.json_response(await sup.fault_crashloop(index, times))
+        except ValueError:
+            raise web.HTTPBadRequest(text="times: expected an integer") from None
+        except ControlError as e:
+            raise web.HTTPConflict(text=str(e)) from None
+
+    app.router.add_post("/fault/stall", stall)
+    app.router.add_post("/fault/crashloop", crashloop)
 
 
 __all__ = ["ProxyCollector", "Totals", "metrics_app"]

@@ -30,12 +30,12 @@ from verdigris.proxy.balance import (
     Route,
     RouteRequest,
     Slot,
-    parse_routing_headers,
 )
 from verdigris.proxy.config import ProxyConfig
 from verdigris.proxy.control import ControlServer
 from verdigris.proxy.errors import ErrorCode, Reject
 from verdigris.proxy.feed import TableFeed
+from verdigris.proxy.forward import EXCLUDE_HEADER, PEER_RESPONSE_HEADERS, Forwarder, ForwardFailed, Remote
 from verdigris.proxy.replay import (
     REPLAY_FAILED_HEADER,
     REPLAY_HEADER,
@@ -142,6 +142,10 @@ class Request:
     upgrade: bytes = b""
     """A WebSocket upgrade request: the Upgrade value to send on (its bytes after the head arrive as
     "body" events after "end"); empty for an ordinary request."""
+    forwarded: int = 0
+    """Hops of a request another region's proxy forwarded here (authenticated; 0: a client's)."""
+    instance: str = ""
+    """The local instance it was sent to (named to a peer in the answer)."""
 
     @property
     def has_body(self) -> bool:
@@ -173,6 +177,11 @@ class ClientConnection(asyncio.Protocol):
         """The parser is done: every byte now received is tunnelled (pushed as "body" events)."""
         self._tunnel_ok = False
         self._timer: asyncio.TimerHandle | None = None
+        self._deadline: float | None = None
+        """When the armed timeout (``_why``) expires; None: disarmed (``_timer`` may still be pending)."""
+        self._why = ""
+        self.loop: asyncio.AbstractEventLoop | None = None
+        """Kept from connection_made: on 3.11 ``asyncio.get_running_loop()`` costs a getpid syscall."""
         self.busy = False
         self.closed = False
         self.peer_ip = ""
@@ -185,25 +194,30 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not an asyncio.Transport
+        self.loop = asyncio.get_running_loop()
         peer = transport.get_extra_info("peername")
         local = transport.get_extra_info("sockname")
         self.peer_ip = str(peer[0]) if peer else ""
         self.local_port = int(local[1]) if local else 0
         self.worker.connections.add(self)
         self._arm(self.worker.config.timeouts.idle, "idle")
-        self._task = asyncio.get_running_loop().create_task(self._serve())
+        self._task = self.loop.create_task(self._serve())
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.worker.connections.discard(self)
         self._disarm()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._push("closed", None)
         if self._can_write is not None and not self._can_write.done():
             self._can_write.set_result(None)
 
     def pause_writing(self) -> None:
         if self._can_write is None or self._can_write.done():
-            self._can_write = asyncio.get_running_loop().create_future()
+            assert self.loop is not None
+            self._can_write = self.loop.create_future()
 
     def resume_writing(self) -> None:
         if self._can_write is not None and not self._can_write.done():
@@ -217,6 +231,9 @@ class ClientConnection(asyncio.Protocol):
             self._head_bytes += len(data)
         try:
             self.parser.feed_data(data)
+            if self._in_head and self._deadline is None:
+                # armed only for a head that did not arrive in one read (the usual case costs no timer)
+                self._arm(self.worker.config.timeouts.header_read, "header_read")
         except httptools.HttpParserUpgrade as e:
             # the head of an upgrade request has been pushed (or refused in on_headers_complete): what
             # follows it is the tunnel's, never parsed as HTTP
@@ -243,7 +260,7 @@ class ClientConnection(asyncio.Protocol):
         self._in_head = True
         self._head_bytes = 0
         self._fields_bytes = 0
-        self._arm(self.worker.config.timeouts.header_read, "header_read")
+        self._disarm()  # not idle any more; data_received arms header_read if the head is incomplete
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -321,16 +338,29 @@ class ClientConnection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def _arm(self, delay: float, why: str) -> None:
-        self._disarm()
-        self._timer = asyncio.get_running_loop().call_later(delay, self._timed_out, why)
-
-    def _disarm(self) -> None:
+        # _disarm only clears the deadline (the timer, if it fires, finds none): one cancel per re-arm
+        assert self.loop is not None
+        deadline = self.loop.time() + delay
+        self._deadline, self._why = deadline, why
         if self._timer is not None:
             self._timer.cancel()
-            self._timer = None
+        self._timer = self.loop.call_at(deadline, self._fire)
+
+    def _disarm(self) -> None:
+        self._deadline = None
+
+    def _fire(self) -> None:
+        self._timer = None
+        deadline = self._deadline
+        if deadline is None or self.loop is None or self.closed:
+            return
+        if self.loop.time() < deadline:
+            self._timer = self.loop.call_at(deadline, self._fire)
+            return
+        self._deadline = None
+        self._timed_out(self._why)
 
     def _timed_out(self, why: str) -> None:
-        self._timer = None
         if why == "header_read" and self.transport is not None and not self.busy:
             self.transport.write(
                 self.worker.error_bytes(
@@ -351,7 +381,8 @@ class ClientConnection(asyncio.Protocol):
 
     async def next_event(self) -> tuple[str, object]:
         while not self.events:
-            self._wakeup = asyncio.get_running_loop().create_future()
+            assert self.loop is not None
+            self._wakeup = self.loop.create_future()
             await self._wakeup
         kind, value = self.events.popleft()
         if kind == "body" and isinstance(value, bytes):
@@ -478,11 +509,13 @@ class ClientConnection(asyncio.Protocol):
 # ------------------------------------------------------------------------------------------------ worker
 
 
+_SESSION_HEADERS: Final = frozenset({REPLAY_HEADER.encode(), b"content-type"})
+"""The response headers :meth:`ReplaySession.response` looks at."""
+_REASONS: Final = {s.value: s.phrase.encode() for s in http.HTTPStatus}
+
+
 def _reason(status: int) -> bytes:
-    try:
-        return http.HTTPStatus(status).phrase.encode()
-    except ValueError:
-        return b"Unknown"
+    return _REASONS.get(status, b"Unknown")  # a dict: HTTPStatus(status) is an Enum lookup per call
 
 
 class Worker:
@@ -517,10 +550,29 @@ class Worker:
                 b"x-forwarded-port",
                 REPLAY_SRC_HEADER.encode(),
                 REPLAY_FAILED_HEADER.encode(),
+                h.forwarded_hops.encode(),
+                h.peer_token.encode(),
+                EXCLUDE_HEADER,
             }
         )
         self._rid_prefix = os.urandom(4).hex()
+        self.forwarder = Forwarder(self)
+        """Forwarding to other regions' proxies, and requests forwarded by them (forward.py)."""
+        self.balancer.distances = self.table.distances(config.region)  # live region_rtt rows
         self._rid = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drop_request = HOP_BY_HOP | self.internal
+        self._drop_response = HOP_BY_HOP | {REPLAY_HEADER.encode()}
+        self._rid_name = h.request_id.encode() + b": "
+        self._region_line = h.region.encode() + b": " + config.region.encode()
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The running loop, looked up once (on 3.11 each lookup is a getpid syscall)."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     # ---------------------------------------------------------------------------- helpers
 
@@ -570,7 +622,7 @@ class Worker:
         self, app: str, route: RouteRequest, *, host: str | None = None, timeout: float | None = None
     ) -> Route | Forward | Reject:
         """A decision that is not a Queue: waits (bounded, with a timeout) for a slot when told to queue."""
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         deadline: float | None = None
         while True:
             now = loop.time()
@@ -614,7 +666,7 @@ class Worker:
         """With load shared between workers, a slot freed by another worker sets no event here: while
         requests wait, poll the workers' release counters (one task per worker, only while waiting)."""
         if self.shared is not None and self._watcher is None:
-            self._watcher = asyncio.get_running_loop().create_task(self._poll_releases(self.shared))
+            self._watcher = self.loop.create_task(self._poll_releases(self.shared))
 
     async def _poll_releases(self, shared: SharedLoadTracker) -> None:
         try:
@@ -663,7 +715,7 @@ class Worker:
             inst is None
             or inst.app != held.instance.app
             or (inst.host, inst.port) != (held.instance.host, held.instance.port)
-            or not self.balancer.usable(inst, route, asyncio.get_running_loop().time())
+            or not self.balancer.usable(inst, route, self.loop.time())
         ):
             return None
         if route.force_instance not in (None, inst.id) or route.prefer_instance not in (None, inst.id):
@@ -724,7 +776,7 @@ class Worker:
         if result is None:
             req.host = hosts[0].decode("latin-1")
             str_headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in req.headers]
-            route = parse_routing_headers(str_headers)
+            route = self.forwarder.route_request(req, str_headers)
             if isinstance(route, Reject):
                 result = route
             else:
@@ -742,17 +794,26 @@ class Worker:
     ) -> Reject | None:
         app_name = self.table.app_for_host(req.host)
         req.app = app_name or ""
-        decision = await self._decide_for_client(client, app_name, route, req.host)
+        if req.forwarded:  # a peer's request: a slot per request, never a client connection's (forward.py)
+            decision: Route | Remote | Forward | Reject = await self.forwarder.choose(
+                app_name, route, host=req.host
+            )
+        elif route.force_instance is None and route.prefer_instance is None:
+            decision = await self._decide_for_client(client, app_name, route, req.host)
+        else:  # an instance this region may not know: see forward.py
+            decision = await self.forwarder.choose(app_name, route, client=client, host=req.host)
+        if isinstance(decision, Forward):
+            decision = self.forwarder.plan(route, decision)
         if isinstance(decision, Reject):
             return decision
-        if isinstance(decision, Forward):
-            return Reject(
-                503,
-                ErrorCode.NO_HEALTHY_INSTANCE,
-                f"{decision.reason}; forwarding to region {decision.region} is not supported yet",
-            )
         assert app_name is not None
         if req.upgrade:
+            if isinstance(decision, Remote):
+                return Reject(
+                    503,
+                    ErrorCode.NO_HEALTHY_INSTANCE,
+                    f"no instance of {app_name} here; WebSocket upgrades are not forwarded to other regions",
+                )
             return await self._tunnel(client, req, decision)
         session = ReplaySession(
             app_name,
@@ -764,18 +825,47 @@ class Worker:
         extra_delete: tuple[str, ...] = ()
         path: bytes | None = None
         first = True
-        route_decision: Route = decision
+        route_decision: Route | Remote = decision
         while True:
-            inst, slot = route_decision.instance, route_decision.slot
-            req.app, req.region = inst.app, inst.region
-            try:
-                sent = await self._exchange(
-                    client, req, inst, first, buffer, session, extra_set, extra_delete, path
-                )
-            except UpstreamError as e:
-                self.release(slot)
-                self._drop_held_on(client, inst)  # a connections app's next request chooses again
-                failure = self._upstream_reject(inst, e)
+            failure: Reject | None = None
+            if isinstance(route_decision, Remote):  # another region's proxy (forward.py)
+                inst: Instance | None = None
+                slot: Slot | None = None
+                try:
+                    got = await self.forwarder.exchange(
+                        client, req, route_decision, first, buffer, session, extra_set, extra_delete, path
+                    )
+                except ForwardFailed as e:
+                    failure = e.reject
+                else:
+                    if got is None:  # a search: the instance is in none of the app's regions
+                        first = first and not req.body_done  # the body went to a region that said no
+                        nxt_decision = await self.forwarder.fall_back(route_decision)
+                        if not isinstance(nxt_decision, Reject):
+                            route_decision = nxt_decision
+                            continue
+                        failure = nxt_decision
+                    else:
+                        conn, headers, responder = got
+                first = False
+            else:
+                inst, slot = route_decision.instance, route_decision.slot
+                req.app, req.region, req.instance = inst.app, inst.region, inst.id
+                try:
+                    conn, headers = await self._exchange(
+                        client, req, inst, first, buffer, session, extra_set, extra_delete, path
+                    )
+                except UpstreamError as e:
+                    self.release(slot)
+                    self._drop_held_on(client, inst)  # a connections app's next request chooses again
+                    failure = self._upstream_reject(inst, e)
+                except BaseException:  # the client went away, or the worker is stopping: give the slot back
+                    self.release(slot)
+                    raise
+                else:
+                    responder = Responder(inst.id, inst.app, inst.region)
+                first = False
+            if failure is not None:
                 if session.replays == 0:
                     return failure
                 nxt = session.target_failed(failure, now_us=time.time_ns() // 1000)
@@ -783,14 +873,19 @@ class Worker:
                 if isinstance(nxt, Reject):
                     return nxt
                 replay = nxt
-            except BaseException:  # the client went away, or the worker is stopping: give the slot back
-                self.release(slot)
-                raise
             else:
-                conn, headers = sent
-                first = False
-                responder = Responder(inst.id, inst.app, inst.region)
-                str_resp = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers]
+                if req.forwarded:  # a peer's request: the edge proxy runs any replay (forward.py)
+                    try:
+                        await self._deliver(client, req, conn, headers)
+                    finally:
+                        self.release(slot)
+                    return None
+                # only the headers session.response reads are decoded (not all, per response)
+                str_resp = [
+                    (n.decode("latin-1"), v.decode("latin-1"))
+                    for n, v in headers
+                    if n.lower() in _SESSION_HEADERS
+                ]
                 verdict = session.response(str_resp, responder, now_us=time.time_ns() // 1000)
                 if isinstance(verdict, ReadReplayBody):
                     body = bytearray()
@@ -802,6 +897,8 @@ class Worker:
                     except UpstreamError as e:
                         self.release(slot)
                         conn.close()
+                        if inst is None:
+                            return Reject(502, ErrorCode.UPSTREAM_BAD_RESPONSE, str(e))
                         return self._upstream_reject(inst, e)
                     verdict = session.replay_body(bytes(body), responder, now_us=time.time_ns() // 1000)
                 if isinstance(verdict, Deliver):
@@ -822,20 +919,11 @@ class Worker:
             extra_set, extra_delete = replay.set_headers, replay.delete_headers
             path = replay.path.encode() if replay.path is not None else path
             while True:
-                d = await self.decide(replay.app, replay.route, timeout=replay.timeout)
-                if isinstance(d, Route):
+                d = await self.forwarder.choose(replay.app, replay.route, timeout=replay.timeout)
+                if not isinstance(d, Reject):
                     route_decision = d
                     break
-                failure = (
-                    d
-                    if isinstance(d, Reject)
-                    else Reject(
-                        502,
-                        ErrorCode.NO_HEALTHY_INSTANCE,
-                        f"replay to region {d.region} needs cross-region forwarding, which is not supported yet",
-                    )
-                )
-                nxt = session.target_failed(failure, now_us=time.time_ns() // 1000)
+                nxt = session.target_failed(d, now_us=time.time_ns() // 1000)
                 self.count("replay_failed" if isinstance(nxt, Reject) else "replay_fallback")
                 if isinstance(nxt, Reject):
                     return nxt
@@ -844,7 +932,7 @@ class Worker:
 
     def _upstream_reject(self, inst: Instance, e: UpstreamError) -> Reject:
         self.metrics.upstream_error(e.kind)
-        now = asyncio.get_running_loop().time()
+        now = self.loop.time()
         if e.kind in ("refused", "connect_timeout") and self.balancer.outliers.connect_failed(inst.id, now):
             self.pool.drop_instance(inst.id)
             self.count("ejections")
@@ -862,14 +950,16 @@ class Worker:
         extra_delete: Iterable[str],
         path: bytes | None,
     ) -> bytes:
+        if req.forwarded:  # a peer's request: its client headers are kept (forward.py)
+            return self.forwarder.upstream_head(client, req, extra_set, extra_delete, path)
         h = self.config.headers
-        drop = set(HOP_BY_HOP) | self.internal
+        drop = self._drop_request  # copied only when this request adds to it
         for name, value in req.headers:
             if name == b"connection":
-                drop.update(t.strip().lower() for t in value.split(b","))
+                drop = drop | {t.strip().lower() for t in value.split(b",")}
         sets = [(n.lower().encode(), v.encode("latin-1")) for n, v in extra_set]
-        drop.update(n for n, _ in sets)
-        drop.update(n.lower().encode() for n in extra_delete)
+        if sets or extra_delete:
+            drop = drop | {n for n, _ in sets} | {n.lower().encode() for n in extra_delete}
         out = [b"%s %s HTTP/1.1" % (req.method, path if path is not None else req.url)]
         via = self.via
         for name, value in req.headers:
@@ -887,8 +977,8 @@ class Worker:
             b"x-forwarded-proto: http",
             b"x-forwarded-port: %d" % client.local_port,
             b"via: " + via,
-            h.request_id.encode() + b": " + req.rid.encode(),
-            h.region.encode() + b": " + self.config.region.encode(),
+            self._rid_name + req.rid.encode(),
+            self._region_line,
             h.client_ip.encode() + b": " + ip,
         ]
         out += [n + b": " + v for n, v in sets]
@@ -953,7 +1043,7 @@ class Worker:
             except ClientGone:
                 conn.close()
                 raise
-            now = asyncio.get_running_loop().time()
+            now = self.loop.time()
             if self.balancer.outliers.response(inst.id, conn.status, now):
                 self.pool.drop_instance(inst.id)
                 self.count("ejections")
@@ -994,13 +1084,15 @@ class Worker:
         head_only = req.method == b"HEAD"
         no_body = head_only or status in (204, 304) or 100 <= status < 200
         length: bytes | None = None
-        drop = set(HOP_BY_HOP)
-        drop.add(REPLAY_HEADER.encode())
+        drop = self._drop_response  # copied only when a Connection header adds to it
+        if req.forwarded:  # to a peer: fly-replay passed back (the edge replays), ours dropped
+            drop = HOP_BY_HOP | PEER_RESPONSE_HEADERS
         for name, value in headers:
-            if name.lower() == b"content-length":
+            low = name.lower()
+            if low == b"content-length":
                 length = value.strip()
-            elif name.lower() == b"connection":
-                drop.update(t.strip().lower() for t in value.split(b","))
+            elif low == b"connection":
+                drop = drop | {t.strip().lower() for t in value.split(b",")}
         http11 = req.version == "1.1"
         out = [b"HTTP/1.1 %d %s" % (status, _reason(status))]
         via = self.via
@@ -1020,17 +1112,37 @@ class Worker:
             else:
                 req.keep_alive = False
         out.append(b"via: " + via)
-        out.append(self.config.headers.request_id.encode() + b": " + req.rid.encode())
+        out.append(self._rid_name + req.rid.encode())
+        if req.forwarded:
+            out += self.forwarder.response_lines(req)
         if not req.keep_alive or self.stopping:
             out.append(b"connection: close")
         req.status = status
-        client.write(b"\r\n".join(out) + b"\r\n\r\n")
+        out.append(b"\r\n")
+        # what is already here goes in one write (one send): the head with the body's buffered chunks
+        pending = [b"\r\n".join(out)]
+        body = conn.complete_body(head_only=head_only)
+        if body is not None:  # the whole response is here: no async generator, one write
+            if chunked:
+                pending += [b"%x\r\n%b\r\n" % (len(c), c) for c in body if c]
+                pending.append(b"0\r\n\r\n")
+            else:
+                pending += body
+            client.write(b"".join(pending))
+            self.pool.release(conn)
+            if body:
+                await client.drain()
+            return
+        wrote_body = False
         try:
             async for chunk in conn.body(self.config.timeouts.response, head_only=head_only):
-                if not chunk:
-                    continue
-                client.write(b"%x\r\n" % len(chunk) + chunk + b"\r\n" if chunked else chunk)
-                await client.drain()
+                if chunk:
+                    pending.append(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+                    wrote_body = True
+                if not conn.done:  # more to wait for: send what is here first
+                    client.write(b"".join(pending))
+                    pending.clear()
+                    await client.drain()
         except UpstreamError as e:
             conn.close()
             log.warning("request %s: %s", req.rid, e)
@@ -1042,8 +1154,12 @@ class Worker:
             conn.close()
             raise
         if chunked:
-            client.write(b"0\r\n\r\n")
+            pending.append(b"0\r\n\r\n")
+        if pending:
+            client.write(b"".join(pending))
         self.pool.release(conn)
+        if wrote_body:
+            await client.drain()
 
     # ---------------------------------------------------------------------------- upgrade tunnels
 
@@ -1123,7 +1239,7 @@ class Worker:
             except BaseException:  # cancelled (the worker stopping)
                 conn.close()
                 raise
-            now = asyncio.get_running_loop().time()
+            now = self.loop.time()
             if self.balancer.outliers.response(inst.id, conn.status, now):
                 self.pool.drop_instance(inst.id)
                 self.count("ejections")

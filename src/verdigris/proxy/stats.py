@@ -24,6 +24,7 @@ import msgspec
 
 from verdigris.proxy.balance import Forward, Queue, Route
 from verdigris.proxy.errors import Reject
+from verdigris.proxy.shared_load import SharedLoadTracker
 
 if TYPE_CHECKING:
     from verdigris.proxy.server import Request, Worker
@@ -141,7 +142,12 @@ def snapshot(worker: Worker) -> WorkerStats:
 
 
 def probe(worker: Worker, args: Mapping[str, Any]) -> dict[str, Any]:
-    """The answer to a ``probe``: the loop's lag and one real (slot-free) routing decision."""
+    """The answer to a ``probe``: the loop's lag and one real (slot-free) routing decision, made on the
+    event loop by the function requests use (``Balancer.choose_for_host``: host lookup in the table, then
+    the balancer), plus the lock a hard-limited slot takes across workers: with shared load counts the
+    probe takes and releases that ``flock`` (``SharedLoad.try_add`` with a limit of 0 counts nothing), so
+    a worker whose routing would block on it answers late too. ``lock``: ``ok``, ``busy`` (not taken
+    within ``LOCK_TIMEOUT``, or refused during the lock backoff, as a request would be) or ``none``."""
     now = time.monotonic()
     sent = args.get("sent")
     lag = max(0.0, now - sent) if isinstance(sent, int | float) else 0.0
@@ -149,6 +155,13 @@ def probe(worker: Worker, args: Mapping[str, Any]) -> dict[str, Any]:
     host = host if isinstance(host, str) and host else PROBE_HOST
     t0 = time.perf_counter()
     d = worker.balancer.choose_for_host(host, now=asyncio.get_running_loop().time(), acquire=False)
+    lock = "none"
+    tracker = worker.balancer.load
+    if isinstance(tracker, SharedLoadTracker):
+        shared = tracker.shared
+        before = shared.lock_timeouts + shared.lock_refusals
+        shared.try_add(shared.cell(host), 0)  # the hard-limit path; with a limit of 0 it never counts
+        lock = "ok" if shared.lock_timeouts + shared.lock_refusals == before else "busy"
     route_us = (time.perf_counter() - t0) * 1e6
     if isinstance(d, Route):
         decision = f"route {d.instance.id}"
@@ -165,6 +178,7 @@ def probe(worker: Worker, args: Mapping[str, Any]) -> dict[str, Any]:
         "route_us": route_us,
         "decision": decision,
         "ready": worker.table.ready,
+        "lock": lock,
         "pid": os.getpid(),
     }
 

@@ -26,8 +26,10 @@ class UpstreamConn:
     __slots__ = (
         "_body",
         "_done",
+        "_expired",
         "_head_done",
         "_headers",
+        "_loop",
         "_parser",
         "_until_close",
         "home",
@@ -54,6 +56,8 @@ class UpstreamConn:
         self._done = False
         self._until_close = False
         self._parser = httptools.HttpResponseParser(self)
+        self._loop = asyncio.get_running_loop()
+        self._expired = False
         self.reusable = True
         """False for a connection that carried an Upgrade request: never returned to the pool."""
         self.tunnel_data: bytes | None = None
@@ -69,9 +73,12 @@ class UpstreamConn:
     def on_headers_complete(self) -> None:
         self._head_done = True
         self.status = self._parser.get_status_code()
-        self._until_close = not any(
-            n.lower() in (b"content-length", b"transfer-encoding") for n, _ in self._headers
-        )
+        self._until_close = True
+        for n, _ in self._headers:
+            low = n.lower()
+            if low == b"content-length" or low == b"transfer-encoding":
+                self._until_close = False
+                break
 
     def on_body(self, body: bytes) -> None:
         self._body.append(body)
@@ -79,6 +86,11 @@ class UpstreamConn:
     def on_message_complete(self) -> None:
         self._done = True
         self.keep_alive = self._parser.should_keep_alive()
+
+    @property
+    def done(self) -> bool:
+        """The response has been read to its end (its body may still be buffered here)."""
+        return self._done
 
     @property
     def usable(self) -> bool:
@@ -97,13 +109,28 @@ class UpstreamConn:
         self.status = 0
         self.keep_alive = False
 
+    def _expire(self) -> None:
+        self._expired = True
+        self.writer.transport.abort()  # the pending read ends (the connection is never used again)
+
     async def _feed(self, timeout: float) -> bool:
+        reader = self.reader
+        expiry = None
+        if not getattr(reader, "_buffer", b""):
+            # a plain timer that aborts the connection: wait_for / asyncio.timeout cost a task or two
+            # getpid syscalls per read on 3.11
+            expiry = self._loop.call_later(timeout, self._expire)
         try:
-            data = await asyncio.wait_for(self.reader.read(65536), timeout)
-        except TimeoutError:
-            raise UpstreamError("timeout", f"instance {self.instance_id} did not answer in time") from None
+            data = await reader.read(65536)
         except OSError as e:
+            if self._expired:
+                raise self._timeout() from None
             raise UpstreamError("bad_response", f"instance {self.instance_id}: {e}") from None
+        finally:
+            if expiry is not None:
+                expiry.cancel()
+        if self._expired:
+            raise self._timeout()
         if not data:
             if self._head_done and not self._done and self._until_close:
                 self._done = True  # EOF ends a close-delimited body
@@ -118,6 +145,21 @@ class UpstreamConn:
                 "bad_response", f"instance {self.instance_id} sent invalid HTTP: {e}"
             ) from None
         return True
+
+    def _timeout(self) -> UpstreamError:
+        return UpstreamError("timeout", f"instance {self.instance_id} did not answer in time")
+
+    def complete_body(self, *, head_only: bool = False) -> list[bytes] | None:
+        """The whole body when it has already arrived (the exchange is then complete), else None (read
+        it with :meth:`body`). A synchronous fast path: no async generator per response."""
+        if head_only or self.status in (204, 304) or 100 <= self.status < 200:
+            self.keep_alive = self.keep_alive and self._done
+            self._done = True
+            return []
+        if not self._done:
+            return None
+        chunks, self._body = self._body, []
+        return chunks
 
     async def read_head(self, timeout: float) -> list[tuple[bytes, bytes]]:
         got_any = False

@@ -1,30 +1,37 @@
 """``verdigris proxy``: a supervisor process and N worker processes sharing the port (SO_REUSEPORT).
 
 Each worker runs uvloop, its own routing table fed by the local agent, its own upstream pools and load
-counts. The supervisor restarts a worker that dies (at most 5 times a minute, then gives up with exit
-status 1) and on SIGTERM / SIGINT passes SIGTERM on: every worker stops accepting, drains its in-flight
-requests for at most ``timeouts.drain`` seconds and exits; stragglers are killed after that.
+counts. The supervisor restarts a worker that dies — at once the first time, then after a delay growing
+from 0.1 s to 10 s while the slot keeps failing (:class:`~verdigris.proxy.watchdog.Backoff`); a worker
+that exits with status 1 (it cannot listen) stops the proxy with status 1. On SIGTERM / SIGINT it passes
+SIGTERM on: every worker stops accepting, drains its in-flight requests for at most ``timeouts.drain``
+seconds and exits; stragglers are killed after that.
 
 The supervisor is an asyncio program. It keeps a control channel to every worker
 (:mod:`verdigris.proxy.control`, one socketpair each): it probes each worker every ``probe_interval``
-(a worker that does not answer within ``probe_deadline`` is logged and counted,
-:meth:`Supervisor.on_probe_timeout`) and asks for counters when ``/metrics`` is scraped
-(:mod:`verdigris.proxy.metrics`, served at ``metrics_listen`` when set). A worker whose supervisor goes
-away (its channel closes) drains and exits.
+and asks for counters when ``/metrics`` is scraped (:mod:`verdigris.proxy.metrics`, served at
+``metrics_listen`` when set). A probe not answered within ``probe_deadline`` of its send means the
+worker's loop is stuck (:meth:`Supervisor.on_probe_timeout`): with ``watchdog`` on (the default) the
+supervisor asks for its stacks (:mod:`verdigris.proxy.watchdog`), kills it (SIGKILL) and starts a fresh
+one, logging one ``watchdog_restart`` event. A worker whose supervisor goes away (its channel closes)
+drains and exits.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import multiprocessing
+import os
 import signal
 import socket
 import sys
 import time
 from collections.abc import Coroutine
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -33,11 +40,20 @@ from verdigris.proxy.config import ProxyConfig
 from verdigris.proxy.control import ControlClient, ControlError, ControlTimeout
 from verdigris.proxy.shared_load import SharedLoad, SharedLoadHandle
 from verdigris.proxy.stats import WorkerStats
+from verdigris.proxy.watchdog import (
+    FAULT_EXIT,
+    Backoff,
+    WatchdogStats,
+    collect_stacks,
+    keep_stacks,
+    live_stack_path,
+    prune,
+    read_stacks,
+    stall_cause,
+)
 
 log = logging.getLogger("verdigris.proxy")
 
-RESTART_BUDGET = 5
-RESTART_WINDOW = 60.0
 STARTUP_DEADLINE = 30.0
 """How long a new worker may take to answer its first probe (interpreter start, imports)."""
 
@@ -48,24 +64,44 @@ def worker_main(
     *,
     control: socket.socket | None = None,
     shared_load: SharedLoadHandle | None = None,
+    stack_dir: str | None = None,
+    fault_exit: bool = False,
 ) -> None:
     """The entry point of a worker process. ``control``: its end of the supervisor's channel;
-    ``shared_load``: the load counts shared by the workers."""
+    ``shared_load``: the load counts shared by the workers; ``stack_dir``: where its stack file goes
+    (:func:`~verdigris.proxy.watchdog.install_stack_dumps`); ``fault_exit``: fault injection, exit at once
+    (a crash loop)."""
+    if fault_exit:
+        sys.exit(FAULT_EXIT)
+    logging.basicConfig(level=logging.WARNING, format=f"proxy[{index}] %(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides; it sends SIGTERM
+    from verdigris.proxy.watchdog import install_stack_dumps
+
+    dumps = install_stack_dumps(stack_dir, index) if stack_dir is not None else None  # before any thread
+
     import uvloop
 
     from verdigris.proxy.server import serve
 
-    logging.basicConfig(level=logging.WARNING, format=f"proxy[{index}] %(levelname)s %(name)s: %(message)s")
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides; it sends SIGTERM
+    if config.fault_injection:
+        from verdigris.proxy.control import add_process_handlers
+        from verdigris.proxy.watchdog import fault_handlers
+
+        add_process_handlers(fault_handlers())
 
     async def main() -> int:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        if dumps is not None:
+            dumps.loop = loop
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         return await serve(config, stop=stop, control=control, worker_index=index, shared_load=shared_load)
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         code = runner.run(main())
+    if dumps is not None:  # a clean exit: no stacks to keep (the supervisor also removes it, if killed)
+        with contextlib.suppress(OSError):
+            dumps.path.unlink()
     sys.exit(code)
 
 
@@ -94,6 +130,13 @@ class WorkerSlot:
         self.route_us: float | None = None
         self.last_stats: WorkerStats | None = None
         self.stats_at: float | None = None
+        self.backoff = Backoff()
+        self.last_answer: float | None = None
+        self.replacing = False
+        """The watchdog is dumping and killing the current process."""
+        self.fault_crashes = 0
+        """Fault injection: this many next starts exit at once."""
+        self.started_at = 0.0
 
 
 class Supervisor:
@@ -110,11 +153,13 @@ class Supervisor:
         self.stop = asyncio.Event()
         self.stopping = False
         self.status = 0
-        self._restarts: list[float] = []
         self._stats_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self.shared_load: SharedLoad | None = None
         """The workers' shared load counts (run_proxy creates them); a dead worker's row is zeroed."""
+        self.watchdog = WatchdogStats()
+        self.stack_dir: str | None = config.stack_directory()
+        """Where workers' stack files go; ``None`` when it cannot be created (no dumps)."""
 
     def _background(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -127,10 +172,18 @@ class Supervisor:
         if self.stopping:  # a restart scheduled just before SIGTERM
             return
         parent, child = socket.socketpair()
+        fault_exit = slot.fault_crashes > 0
+        if fault_exit:
+            slot.fault_crashes -= 1
         p = self.ctx.Process(
             target=worker_main,
             args=(self.config, slot.index),
-            kwargs={"control": child, "shared_load": self.shared_load.handle if self.shared_load else None},
+            kwargs={
+                "control": child,
+                "shared_load": self.shared_load.handle if self.shared_load else None,
+                "stack_dir": self.stack_dir,
+                "fault_exit": fault_exit,
+            },
             name=f"verdigris-proxy-{slot.index}",
             daemon=False,
         )
@@ -139,9 +192,11 @@ class Supervisor:
         finally:
             child.close()
         slot.proc, slot.pid = p, p.pid or 0
-        slot.up = slot.answered = False
+        slot.up = slot.answered = slot.replacing = False
         slot.consecutive_timeouts = 0
-        slot.stuck_since = None
+        slot.stuck_since = slot.last_answer = None
+        slot.started_at = time.monotonic()
+        log.info("worker_started worker=%d pid=%d t=%.3f", slot.index, slot.pid, slot.started_at)
         slot.exited = asyncio.Event()
         loop = asyncio.get_running_loop()
         loop.add_reader(p.sentinel, self._on_exit, slot, p)
@@ -156,7 +211,9 @@ class Supervisor:
     def _on_exit(self, slot: WorkerSlot, p: BaseProcess) -> None:
         loop = asyncio.get_running_loop()
         loop.remove_reader(p.sentinel)
-        p.join(0)
+        # the sentinel (a pipe) closes as the process exits, a moment before it can be reaped: wait for
+        # that moment (bounded; milliseconds), or its exit status would be None
+        p.join(1.0)
         if slot.proc is not p:
             return
         slot.up = False
@@ -170,22 +227,41 @@ class Supervisor:
             self.retired.add(slot.last_stats)
             slot.last_stats, slot.stats_at = None, None
         slot.exited.set()
+        if self.stack_dir is not None:
+            with contextlib.suppress(OSError):  # a stuck worker's file was renamed (kept) before its kill
+                live_stack_path(self.stack_dir, slot.pid).unlink()
         if self.stopping:
             return
-        now = time.monotonic()
-        self._restarts = [t for t in self._restarts if now - t < RESTART_WINDOW] + [now]
-        if p.exitcode == 1 or len(self._restarts) > RESTART_BUDGET:
-            log.error("worker %d exited with status %s; stopping", slot.index, p.exitcode)
+        if p.exitcode == 1:
+            log.error("worker %d exited with status 1 (it cannot listen); stopping", slot.index)
             self.status = 1
             self.stop.set()
             return
+        now = time.monotonic()
+        if not slot.replacing:
+            self.watchdog.restarts["exited"] += 1
+        delay = slot.backoff.failure(now)
         log.warning(
-            "worker %d (pid %d) exited with status %s; restarting it", slot.index, slot.pid, p.exitcode
+            "worker_exited worker=%d pid=%d status=%s uptime=%.3fs streak=%d backoff=%.3fs t=%.3f",
+            slot.index,
+            slot.pid,
+            p.exitcode,
+            now - slot.started_at,
+            slot.backoff.streak,
+            delay,
+            now,
         )
         slot.restarts += 1
         if self.shared_load is not None:
             self.shared_load.reset_worker(slot.index)  # its slots died with it
-        self._background(self.spawn(slot))
+        self._background(self._respawn(slot, delay))
+
+    async def _respawn(self, slot: WorkerSlot, delay: float) -> None:
+        """Start worker ``slot`` again after ``delay`` seconds (its crash-loop backoff; SIGTERM cuts it)."""
+        if delay > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), delay)
+        await self.spawn(slot)
 
     def replace(self, slot: WorkerSlot, why: str) -> None:
         """Kill worker ``slot`` (SIGKILL): its exit is then handled as any other death (restarted, within
@@ -208,7 +284,11 @@ class Supervisor:
             try:
                 r = await client.call("probe", {"sent": t0}, timeout=deadline)
             except ControlTimeout:
-                self.on_probe_timeout(slot)
+                if self.on_probe_timeout(slot, sent=t0, deadline=deadline):
+                    await self._replace_stuck(
+                        slot, "probe_timeout" if slot.answered else "startup_timeout", t0
+                    )
+                    return
             except ControlError as e:
                 if client.closed is not None:
                     return  # the worker is gone: _on_exit takes over
@@ -225,6 +305,7 @@ class Supervisor:
             slot.route_us = float(route_us) if isinstance(route_us, int | float) else None
         slot.rtt = rtt
         slot.up = slot.answered = True
+        slot.last_answer = time.monotonic()
         if slot.stuck_since is not None:
             log.warning(
                 "probe_recovered worker=%d pid=%d stuck_for=%.2fs timeouts=%d",
@@ -236,16 +317,18 @@ class Supervisor:
         slot.stuck_since = None
         slot.consecutive_timeouts = 0
 
-    def on_probe_timeout(self, slot: WorkerSlot) -> None:
-        """Worker ``slot`` did not answer a probe within ``probe_deadline``: its event loop is blocked or
-        the process is stopped. For now it is only logged and counted; to replace stuck workers, call
-        ``self.replace(slot, "no answer to probes")`` here."""
+    def on_probe_timeout(
+        self, slot: WorkerSlot, *, sent: float | None = None, deadline: float | None = None
+    ) -> bool:
+        """Worker ``slot`` did not answer a probe (sent at ``sent``) within ``deadline``: its event loop is
+        blocked or the process is stopped. Logged and counted; True when it is to be replaced (``watchdog``
+        on, not stopping)."""
         slot.probe_timeouts += 1
         slot.consecutive_timeouts += 1
         slot.up = False
         n = slot.consecutive_timeouts
         if slot.stuck_since is None:
-            slot.stuck_since = time.monotonic() - self.config.probe_deadline
+            slot.stuck_since = sent if sent is not None else time.monotonic() - self.config.probe_deadline
         if n == 1 or n % 10 == 0:
             log.warning(
                 "probe_timeout worker=%d pid=%d deadline=%gs consecutive=%d",
@@ -254,6 +337,77 @@ class Supervisor:
                 self.config.probe_deadline,
                 n,
             )
+        return self.config.watchdog and not self.stopping and slot.proc is not None
+
+    async def _replace_stuck(self, slot: WorkerSlot, reason: str, sent: float) -> None:
+        """The watchdog: dump worker ``slot``'s stacks (bounded wait), SIGKILL it, keep the stack file, log
+        one ``watchdog_restart`` event and count it. Its exit then restarts it (:meth:`_on_exit`)."""
+        p, pid = slot.proc, slot.pid
+        if p is None or slot.replacing:
+            return
+        slot.replacing = True
+        detected = time.monotonic()
+        detection = detected - sent
+        dump, text, kept = "none", "", None
+        if self.stack_dir is not None and p.is_alive():
+            path = live_stack_path(self.stack_dir, pid)
+            dump = await collect_stacks(pid, path)
+            text = read_stacks(path) if dump != "none" else ""
+            if dump != "none":
+                kept = keep_stacks(path, slot.index, pid)
+                self.watchdog.stack_files = prune(Path(self.stack_dir))
+        if slot.proc is p and p.is_alive():
+            p.kill()
+        killed = time.monotonic()
+        cause, frames = stall_cause(text)
+        self.watchdog.stuck(reason, detection, cause, dump)
+        since = f"{detected - slot.last_answer:.3f}" if slot.last_answer is not None else "never"
+        log.error(
+            "watchdog_restart worker=%d pid=%d reason=%s detection=%.3fs since_last_answer=%s "
+            "deadline=%gs detected_at=%.3f killed_at=%.3f dump=%s stacks=%s cause=%s main_stack=%s",
+            slot.index,
+            pid,
+            reason,
+            detection,
+            since,
+            self.config.probe_deadline,
+            detected,
+            killed,
+            dump,
+            json.dumps(str(kept) if kept is not None else None),
+            json.dumps(cause),
+            json.dumps(" | ".join(frames)),
+        )
+
+    # ---------------------------------------------------------------------------- fault injection
+
+    async def fault_stall(self, index: int, seconds: float) -> dict[str, Any]:
+        """Fault injection: have worker ``index`` block its event loop for ``seconds``. The request is sent
+        and not waited for (the worker is then stuck)."""
+        slot = self.slots[index]
+        client = slot.client
+        if client is None:
+            raise ControlError(f"worker {index} is not running")
+
+        async def send() -> None:
+            with contextlib.suppress(ControlError):
+                await client.call("stall", {"seconds": seconds}, timeout=seconds + 5.0)
+
+        sent = time.monotonic()
+        self._background(send())
+        await asyncio.sleep(0)  # the request is written before this returns
+        return {"worker": index, "pid": slot.pid, "sent": sent}
+
+    async def fault_crashloop(self, index: int, times: int) -> dict[str, Any]:
+        """Fault injection: crash worker ``index`` now, and make its next ``times`` starts exit at once."""
+        slot = self.slots[index]
+        client, pid = slot.client, slot.pid
+        if client is None:
+            raise ControlError(f"worker {index} is not running")
+        slot.fault_crashes = times
+        with contextlib.suppress(ControlError):  # it exits without answering
+            await client.call("crash", timeout=1.0)
+        return {"worker": index, "pid": pid, "times": times}
 
     # ---------------------------------------------------------------------------- stats
 
@@ -299,8 +453,21 @@ class Supervisor:
                 log.error("cannot serve metrics on %s: %s", self.config.metrics_listen, e.strerror or e)
                 await runner.cleanup()
                 return 1
+        if self.stack_dir is not None:
+            try:
+                os.makedirs(self.stack_dir, exist_ok=True)
+                self.watchdog.stack_files = prune(Path(self.stack_dir))
+            except OSError as e:
+                log.error(
+                    "stack_dir %s: %s; stuck workers will be replaced without stack dumps", self.stack_dir, e
+                )
+                self.stack_dir = None
         for slot in self.slots:
             await self.spawn(slot)
+        from verdigris.proxy.registry import Registration
+
+        registration = Registration(self.config)  # the proxies row: once per proxy, not per worker
+        registration.start()
         log.info(
             "listening on %s with %d workers (agent %s)%s",
             self.config.listen,
@@ -312,6 +479,7 @@ class Supervisor:
             await self.stop.wait()
         finally:
             self.stopping = True
+            await registration.close()
             await self._shutdown()
             if runner is not None:
                 await runner.cleanup()

@@ -121,6 +121,7 @@ from verdigris.runtime.stream import (
 from verdigris.store.schema import SCOPES
 from verdigris.store.store import ActorBooks, CommitNotice, MergeResult, Store
 from verdigris.store.types import Changeset
+from verdigris.watchdog.rwlock import AsyncRWLock
 
 __all__ = ["GossipRuntime", "GossipSetupError", "RuntimeStats", "open_keyring", "parse_peer_addr"]
 
@@ -131,6 +132,8 @@ Addr = tuple[str, int]
 _UNSPECIFIED_HOSTS: Final = frozenset({"0.0.0.0", "::", ""})
 _MAX_SEEDS: Final = 64
 """At most this many persisted members are added to the bootstrap list on start."""
+_KEYS_LOCK_TIMEOUT: Final = 60.0
+"""Bound on waiting for another keyring change (each saves the keyring file) before giving up."""
 
 
 class GossipSetupError(Exception):
@@ -344,7 +347,8 @@ class GossipRuntime:
         self._persisting = False
         self._persist_task: asyncio.Task[Any] | None = None
         self._saved_incarnation = -1
-        self._keys_lock = asyncio.Lock()
+        # Key changes (install/use/remove + save) are writers; `list` is a reader.
+        self._keys_lock = AsyncRWLock("gossip keyring", timeout=_KEYS_LOCK_TIMEOUT)
         self._metrics_attached = False
         self._closing = False
 
@@ -707,50 +711,56 @@ class GossipRuntime:
         keyring = self.keyring
         if keyring is None:
             raise RuntimeError("gossip runs in plaintext (gossip.plaintext = true): there is no keyring")
-        async with self._keys_lock:
+        if action == "list":
+            # Listing reads the keyring; any number may run at once, never in the middle of a change.
+            async with self._keys_lock.read():
+                return self._keys_reply(keyring, changed=False)
+        async with self._keys_lock.write():
             changed = False
-            if action != "list":
-                if key is None:
-                    raise ValueError(f"keys {action} needs a key")
-                if action == "install":
-                    changed = keyring.install(key)
+            if key is None:
+                raise ValueError(f"keys {action} needs a key")
+            if action == "install":
+                changed = keyring.install(key)
 
-                    def undo() -> None:
-                        keyring.remove(key)
+                def undo() -> None:
+                    keyring.remove(key)
 
-                elif action == "use":
-                    old = keyring.primary
-                    keyring.use(key)
-                    changed = fingerprint(old) != fingerprint(key)
+            elif action == "use":
+                old = keyring.primary
+                keyring.use(key)
+                changed = fingerprint(old) != fingerprint(key)
 
-                    def undo() -> None:
-                        keyring.use(old)
+                def undo() -> None:
+                    keyring.use(old)
 
-                elif action == "remove":
-                    changed = keyring.remove(key)
+            elif action == "remove":
+                changed = keyring.remove(key)
 
-                    def undo() -> None:
-                        keyring.install(key)
+                def undo() -> None:
+                    keyring.install(key)
 
-                else:
-                    raise ValueError(f"unknown keys action {action!r} (list, install, use, remove)")
-                if changed:
-                    try:
-                        await asyncio.to_thread(keyring.save, self.keyring_path)
-                    except KeyringError:
-                        undo()
-                        raise
-                    self._log.info("keyring: %s key %s", action, fingerprint(key))
-            return {
-                "changed": changed,
-                "primary": fingerprint(keyring.primary),
-                "keys": keyring.fingerprints(),
-                "path": str(self.keyring_path),
-                "accepted_with_secondary": {
-                    "udp": self.udp_codec.opened_with_secondary,
-                    "tcp": self.tcp_codec.opened_with_secondary,
-                },
-            }
+            else:
+                raise ValueError(f"unknown keys action {action!r} (list, install, use, remove)")
+            if changed:
+                try:
+                    await asyncio.to_thread(keyring.save, self.keyring_path)
+                except KeyringError:
+                    undo()
+                    raise
+                self._log.info("keyring: %s key %s", action, fingerprint(key))
+            return self._keys_reply(keyring, changed=changed)
+
+    def _keys_reply(self, keyring: Keyring, *, changed: bool) -> dict[str, Any]:
+        return {
+            "changed": changed,
+            "primary": fingerprint(keyring.primary),
+            "keys": keyring.fingerprints(),
+            "path": str(self.keyring_path),
+            "accepted_with_secondary": {
+                "udp": self.udp_codec.opened_with_secondary,
+                "tcp": self.tcp_codec.opened_with_secondary,
+            },
+        }
 
     # ------------------------------------------------------------------------------------------ datagrams
 

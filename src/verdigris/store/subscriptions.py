@@ -73,6 +73,7 @@ from sqlglot.tokenizer_core import Token, TokenType
 from verdigris.store.schema import Schema, quote_ident
 from verdigris.store.store import CommitNotice, Store
 from verdigris.store.types import SqlValue, StoreError
+from verdigris.watchdog.rwlock import RWLock
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,8 @@ _CHUNK = 250
 """Keys per restricted query. Composite keys become an OR of ANDs, and SQLite's expression depth is 1000."""
 _PROGRESS_STEP = 100
 """SQLite VM instructions between progress-handler calls (work counter and query deadline)."""
+_LISTENERS_LOCK_TIMEOUT = 30.0
+"""Bound on waiting for a subscription's listener list (held for a list copy or an append only)."""
 _AGG_OPCODES = frozenset({"AggStep", "AggStep1", "AggFinal", "AggValue", "AggInverse"})
 _SQLITE_AGGREGATES = frozenset(
     {
@@ -628,7 +631,8 @@ class Subscription:
         self._change_id = change_id
         self._next_rowid = next_rowid
         self._listeners: list[Callable[[list[ChangeEvent]], None]] = []
-        self._listeners_lock = threading.Lock()
+        # Read by the matcher thread on every batch, changed rarely from the loop: a reader/writer lock.
+        self._listeners_lock = RWLock(f"subscription {sub_id} listeners", timeout=_LISTENERS_LOCK_TIMEOUT)
         self._needs_full = False
         self._retry_at = 0.0
         self._removed = False
@@ -708,21 +712,21 @@ class Subscription:
         """Call ``fn`` with every later batch of new events, in order, on the matcher thread. ``fn`` must be
         quick and must not block (e.g. ``loop.call_soon_threadsafe`` or a queue put): every subscription's
         matching waits for it. Exceptions from ``fn`` are logged and ignored."""
-        with self._listeners_lock:
+        with self._listeners_lock.write():
             self._listeners.append(fn)
 
     def remove_listener(self, fn: Callable[[list[ChangeEvent]], None]) -> None:
-        with self._listeners_lock:
+        with self._listeners_lock.write():
             if fn in self._listeners:
                 self._listeners.remove(fn)
 
     @property
     def listener_count(self) -> int:
-        with self._listeners_lock:
+        with self._listeners_lock.read():
             return len(self._listeners)
 
     def _emit(self, events: list[ChangeEvent]) -> None:
-        with self._listeners_lock:
+        with self._listeners_lock.read():
             listeners = list(self._listeners)
         for fn in listeners:
             try:
