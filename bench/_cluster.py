@@ -639,6 +639,49 @@ async def merge_sources(cluster: VerdigrisCluster) -> dict[str, Any]:
     }
 
 
+async def follow_subscription(
+    http: aiohttp.ClientSession,
+    node: VerdigrisNode,
+    sql: str,
+    ready: asyncio.Event,
+    problems: list[str],
+    on_change: Callable[[str, list[Any], int], None],
+) -> None:
+    """Subscribe to ``sql`` on ``node`` until cancelled: ``ready`` set at the end of the initial query,
+    ``on_change(kind, values, arrival time.time_ns())`` per change event; failures and error events are
+    appended to ``problems``."""
+    try:
+        async with http.post(
+            f"{node.api}/v1/subscriptions",
+            json=sql,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+        ) as resp:
+            if resp.status != 200:
+                problems.append(f"{node.name}: subscribe HTTP {resp.status}")
+                return
+            buf = b""
+            async for chunk in resp.content.iter_any():
+                now = time.time_ns()
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    if not line.strip():
+                        continue
+                    if line.startswith(b'{"eoq"'):
+                        ready.set()
+                        continue
+                    if not line.startswith(b'{"change"'):
+                        if line.startswith(b'{"error"'):
+                            problems.append(f"{node.name}: {line[:200]!r}")
+                        continue
+                    kind, _rowid, values, _cid = json.loads(line)["change"]
+                    on_change(kind, values, now)
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:
+        problems.append(f"{node.name}: subscription failed: {e!r}")
+
+
 class ProbeWatch:
     """A subscription ``SELECT id, ts FROM probes`` on every node; :attr:`arrivals` maps a probe id to
     {node index: arrival time (``time.time_ns()``)}. Every event is checked against what was sent."""
@@ -663,38 +706,14 @@ class ProbeWatch:
             raise BenchFailure(f"subscriptions not ready in {timeout:.0f} s: {self.problems[:3]}") from e
 
     async def _follow(self, node: VerdigrisNode, ready: asyncio.Event) -> None:
-        http = self.cluster.http
-        assert http is not None
-        try:
-            async with http.post(
-                f"{node.api}/v1/subscriptions",
-                json="SELECT id, ts FROM probes",
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
-            ) as resp:
-                if resp.status != 200:
-                    self.problems.append(f"{node.name}: subscribe HTTP {resp.status}")
-                    return
-                buf = b""
-                async for chunk in resp.content.iter_any():
-                    now = time.time_ns()
-                    buf += chunk
-                    *lines, buf = buf.split(b"\n")
-                    for line in lines:
-                        if not line.strip():
-                            continue
-                        if line.startswith(b'{"eoq"'):
-                            ready.set()
-                            continue
-                        if not line.startswith(b'{"change"'):
-                            if line.startswith(b'{"error"'):
-                                self.problems.append(f"{node.name}: {line[:200]!r}")
-                            continue
-                        kind, _rowid, values, _cid = json.loads(line)["change"]
-                        self._arrived(node.index, kind, values, now)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            self.problems.append(f"{node.name}: subscription failed: {e!r}")
+        assert self.cluster.http is not None
+
+        def change(kind: str, values: list[Any], now: int) -> None:
+            self._arrived(node.index, kind, values, now)
+
+        await follow_subscription(
+            self.cluster.http, node, "SELECT id, ts FROM probes", ready, self.problems, change
+        )
 
     def _arrived(self, index: int, kind: str, values: list[Any], now: int) -> None:
         self.events += 1

@@ -70,6 +70,7 @@ from _cluster import (
     Traffic,
     VerdigrisCluster,
     VerdigrisNode,
+    follow_subscription,
     free_ports,
     machine_load,
     pct,
@@ -418,34 +419,15 @@ class ProbeWatch:
 
     async def _follow(self, node: Agent, ready: asyncio.Event) -> None:
         assert self.fleet.http is not None
+
+        def change(kind: str, values: list[Any], now: int) -> None:
+            seen = self.arrivals.setdefault(int(values[0]), {})
+            if kind != "insert" or node.index in seen:
+                self.problems.append(f"{node.name}: probe {values[0]}: {kind}, again")
+            seen[node.index] = now
+
         sql = "SELECT port, updated_at FROM services WHERE app = 'probe'"
-        try:
-            async with self.fleet.http.post(
-                f"{node.api}/v1/subscriptions",
-                json=sql,
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
-            ) as resp:
-                if resp.status != 200:
-                    self.problems.append(f"{node.name}: subscribe HTTP {resp.status}")
-                    return
-                buf = b""
-                async for chunk in resp.content.iter_any():
-                    now = time.time_ns()
-                    buf += chunk
-                    *lines, buf = buf.split(b"\n")
-                    for line in lines:
-                        if line.startswith(b'{"eoq"'):
-                            ready.set()
-                        elif line.startswith(b'{"change"'):
-                            kind, _rowid, values, _cid = json.loads(line)["change"]
-                            seen = self.arrivals.setdefault(int(values[0]), {})
-                            if kind != "insert" or node.index in seen:
-                                self.problems.append(f"{node.name}: probe {values[0]}: {kind}, again")
-                            seen[node.index] = now
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            self.problems.append(f"{node.name}: subscription failed: {e!r}")
+        await follow_subscription(self.fleet.http, node, sql, ready, self.problems, change)
 
     async def run(self, seconds: float) -> None:
         count = int(seconds * PROBE_RATE)

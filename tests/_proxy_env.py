@@ -16,7 +16,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from aiohttp import web
 
@@ -32,6 +32,19 @@ UPSTREAM_NAME = web.AppKey("upstream_name", str)
 
 
 # ---------------------------------------------------------------------------------------- processes
+
+
+def stop_process(proc: subprocess.Popen[bytes], log: IO[bytes]) -> int:
+    """SIGTERM (a kill if it does not exit within ``WAIT``), then close its log; its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(WAIT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(WAIT)
+    log.close()
+    return proc.returncode
 
 
 class Agent:
@@ -63,14 +76,7 @@ class Agent:
             assert resp.status == 200
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(WAIT)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(WAIT)
-        self.log.close()
+        stop_process(self.proc, self.log)
 
 
 class Proxy:
@@ -115,27 +121,24 @@ class Proxy:
     def wait_routes(self, host: str) -> Any:
         deadline = time.monotonic() + WAIT
         last: Any = None
-        while time.monotonic() < deadline:
+        streak = 0  # each get is a new connection, which the kernel spreads over the workers: several
+        while time.monotonic() < deadline:  # in a row make "every worker has its table" very likely
             assert self.proc.poll() is None, f"proxy exited with {self.proc.returncode}"
             try:
                 last = self.get(host)
                 if last[0] == 200:
-                    return json.loads(last[2])
+                    streak += 1
+                    if streak >= 8:
+                        return json.loads(last[2])
+                    continue
             except OSError as e:
                 last = e
+            streak = 0
             time.sleep(0.05)
         raise AssertionError(f"{host} never routed: {last}")
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(WAIT)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(WAIT)
-        self.log.close()
-        return self.proc.returncode
+        return stop_process(self.proc, self.log)
 
 
 # ---------------------------------------------------------------------------------------- upstreams

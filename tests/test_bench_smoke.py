@@ -174,6 +174,19 @@ def test_sim_propagation_quick() -> None:
     assert len(payload["anchors"]) == 4 and isinstance(payload["anchors_met"], bool)
 
 
+def _no_leftovers(marker: bytes) -> None:
+    """No process whose command line mentions ``marker`` (a benchmark's agents) is still running."""
+    leftovers = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(marker in a for a in args):
+            leftovers.append(b" ".join(args).decode(errors="replace"))
+    assert not leftovers, leftovers
+
+
 def test_cluster_propagation_quick() -> None:
     """4 real agents on 127.0.0.1: every write reaches every node, and no agent outlives the benchmark."""
     payload = _last_json(_run([str(BENCH / "cluster_propagation.py"), "--quick"]))
@@ -185,15 +198,7 @@ def test_cluster_propagation_quick() -> None:
     assert r["p50_s"] <= r["p90_s"] <= r["p99_s"] <= r["max_s"]
     assert r["versions_by_broadcast"] + r["versions_by_sync"] == 150 * 3  # each write merged by the 3 others
     assert isinstance(payload["target_met"], bool)
-    leftovers = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            args = cmdline.read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if any(b"vd-prop-" in a for a in args):
-            leftovers.append(b" ".join(args).decode(errors="replace"))
-    assert not leftovers, leftovers
+    _no_leftovers(b"vd-prop-")
 
 
 def test_blast_radius_quick() -> None:
@@ -224,15 +229,7 @@ def test_blast_radius_quick() -> None:
         p = payload["propagation"][phase]
         _positive(p, ["probes", "p50_s", "p99_s"])
         assert p["p50_s"] <= p["p99_s"]
-    leftovers = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            args = cmdline.read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if any(b"vd-blast-" in x for x in args):
-            leftovers.append(b" ".join(args).decode(errors="replace"))
-    assert not leftovers, leftovers
+    _no_leftovers(b"vd-blast-")
 
 
 def test_routing_table_memory_quick() -> None:

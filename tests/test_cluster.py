@@ -200,7 +200,10 @@ class Node:
             return body
 
     async def rows(self) -> list[list[Any]]:
-        sql = "SELECT k, v, w FROM kv ORDER BY k"
+        return await self.query("SELECT k, v, w FROM kv ORDER BY k")
+
+    async def query(self, sql: str) -> list[list[Any]]:
+        """The rows ``sql`` returns (each row's values)."""
         async with self.http.post(
             f"{self.api}/v1/queries", json=sql, timeout=aiohttp.ClientTimeout(total=10)
         ) as r:

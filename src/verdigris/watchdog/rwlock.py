@@ -242,16 +242,39 @@ class _Book:
         return LockTimeoutError("\n".join(parts))
 
 
-def _check_args(timeout: float | None, hold_limit: float | None, stack_depth: int) -> None:
-    if timeout is not None and timeout < 0:
-        raise ValueError("timeout must be >= 0 or None")
-    if hold_limit is not None and hold_limit <= 0:
-        raise ValueError("hold_limit must be > 0 or None")
-    if stack_depth < 1:
-        raise ValueError("stack_depth must be >= 1")
+class _LockBase:
+    """What :class:`RWLock` and :class:`AsyncRWLock` share: the arguments, the owners' book, ``repr``."""
+
+    def __init__(self, name: str, timeout: float | None, hold_limit: float | None, stack_depth: int) -> None:
+        if timeout is not None and timeout < 0:
+            raise ValueError("timeout must be >= 0 or None")
+        if hold_limit is not None and hold_limit <= 0:
+            raise ValueError("hold_limit must be > 0 or None")
+        if stack_depth < 1:
+            raise ValueError("stack_depth must be >= 1")
+        self.name = name
+        self.timeout = timeout
+        self.stack_depth = stack_depth
+        self._book = _Book(name, hold_limit)
+
+    @property
+    def slow_holds(self) -> int:
+        """Holds released after longer than ``hold_limit``."""
+        return self._book.slow_holds
+
+    def _describe(self) -> str:
+        b = self._book
+        state = "write" if b.writer is not None else f"{len(b.readers)} reader(s)"
+        return f"{type(self).__name__}({self.name!r}, {state}, {b.waiting_writers} writer(s) waiting)"
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        t = self.timeout if timeout is None else timeout
+        if t is not None and t < 0:
+            raise ValueError("timeout must be >= 0 or None")
+        return t
 
 
-class RWLock:
+class RWLock(_LockBase):
     """A read-write lock for threads; see the module docstring.
 
     ``with lock.read(): ...`` / ``with lock.write(): ...``. ``timeout`` is the default bound on every wait
@@ -267,24 +290,13 @@ class RWLock:
         hold_limit: float | None = None,
         stack_depth: int = DEFAULT_STACK_DEPTH,
     ) -> None:
-        _check_args(timeout, hold_limit, stack_depth)
-        self.name = name
-        self.timeout = timeout
-        self.stack_depth = stack_depth
-        self._book = _Book(name, hold_limit)
+        super().__init__(name, timeout, hold_limit, stack_depth)
         self._mutex = threading.Lock()
         self._cond = threading.Condition(self._mutex)
 
     def __repr__(self) -> str:
         with self._mutex:
-            b = self._book
-            state = "write" if b.writer is not None else f"{len(b.readers)} reader(s)"
-            return f"RWLock({self.name!r}, {state}, {b.waiting_writers} writer(s) waiting)"
-
-    @property
-    def slow_holds(self) -> int:
-        """Holds released after longer than ``hold_limit``."""
-        return self._book.slow_holds
+            return self._describe()
 
     def holders(self) -> list[Holder]:
         """Current holders with the stacks where they took the lock."""
@@ -295,12 +307,6 @@ class RWLock:
     def _owner() -> tuple[int, str]:
         t = threading.current_thread()
         return threading.get_ident(), f"thread {t.name} ({t.ident})"
-
-    def _deadline(self, timeout: float | None) -> float | None:
-        t = self.timeout if timeout is None else timeout
-        if t is not None and t < 0:
-            raise ValueError("timeout must be >= 0 or None")
-        return t
 
     @contextlib.contextmanager
     def read(self, timeout: float | None = None) -> Iterator[None]:
@@ -350,7 +356,7 @@ class RWLock:
                 self._cond.notify_all()
 
 
-class AsyncRWLock:
+class AsyncRWLock(_LockBase):
     """A read-write lock for the asyncio tasks of one event loop; the owner is the current task.
 
     ``async with lock.read(): ...`` / ``async with lock.write(): ...``; same rules and arguments as
@@ -366,22 +372,12 @@ class AsyncRWLock:
         hold_limit: float | None = None,
         stack_depth: int = DEFAULT_STACK_DEPTH,
     ) -> None:
-        _check_args(timeout, hold_limit, stack_depth)
-        self.name = name
-        self.timeout = timeout
-        self.stack_depth = stack_depth
-        self._book = _Book(name, hold_limit)
+        super().__init__(name, timeout, hold_limit, stack_depth)
         self._waiters: deque[asyncio.Future[None]] = deque()
         """One future per waiting task (so bounded by the tasks actually waiting)."""
 
     def __repr__(self) -> str:
-        b = self._book
-        state = "write" if b.writer is not None else f"{len(b.readers)} reader(s)"
-        return f"AsyncRWLock({self.name!r}, {state}, {b.waiting_writers} writer(s) waiting)"
-
-    @property
-    def slow_holds(self) -> int:
-        return self._book.slow_holds
+        return self._describe()
 
     def holders(self) -> list[Holder]:
         """Current holders with the stacks where they took the lock."""
@@ -422,7 +418,7 @@ class AsyncRWLock:
     async def read(self, timeout: float | None = None) -> AsyncIterator[None]:
         """Hold the read side for the ``async with`` block."""
         key, label = self._owner()
-        limit = self.timeout if timeout is None else timeout
+        limit = self._deadline(timeout)
         stack = capture_stack(self.stack_depth)
         b = self._book
         if not b.nested_read(key):
@@ -440,7 +436,7 @@ class AsyncRWLock:
         """Hold the write side for the ``async with`` block. Raises at once on an upgrade or a
         re-entrant write."""
         key, label = self._owner()
-        limit = self.timeout if timeout is None else timeout
+        limit = self._deadline(timeout)
         stack = capture_stack(self.stack_depth)
         b = self._book
         b.check_write(key, stack)
