@@ -376,27 +376,14 @@ class Forwarder:
                     last = self._peer_failed(peer, e)
                     break  # the next proxy of the region
                 conn.start_exchange()
-                resend = not body.from_client or not req.has_body
+                from_client = body.from_client and req.has_body
+                resend = not from_client  # the body can be sent again on a fresh connection
+                body.from_client = body.from_client and not from_client
                 try:
-                    conn.writer.write(head)
-                    if req.has_body:
-                        if body.from_client:
-                            body.from_client = False
-                            async for chunk in client.body(req):
-                                if session.body_received(len(chunk)):
-                                    buffer.append(chunk)
-                                else:
-                                    buffer.clear()
-                                await w._send_chunk(conn, req, chunk)
-                        else:
-                            for chunk in buffer:
-                                await w._send_chunk(conn, req, chunk)
-                        if req.chunked:
-                            conn.writer.write(b"0\r\n\r\n")
-                    elif first:
-                        req.body_done = req.body_done or w._pop_end(client)
-                    await conn.writer.drain()
-                    headers = await conn.read_head(w.config.timeouts.response)
+                    headers = await w.send_request(
+                        conn, client, req, head, from_client=from_client, first=first,
+                        buffer=buffer, session=session,
+                    )  # fmt: skip
                 except (ConnectionError, OSError, UpstreamError) as e:
                     conn.close()
                     stale = conn.reused and attempt == 1 and resend

@@ -1020,33 +1020,14 @@ class Worker:
         first time (kept in ``buffer`` while replayable), from ``buffer`` on a replay."""
         assert inst.host is not None and inst.port is not None
         head = self._request_head(client, req, extra_set, extra_delete, path)
-        tmo = self.config.timeouts
         for attempt in (1, 2):
             conn = await self._upstream_conn(client, inst)
             conn.start_exchange()
             try:
-                conn.writer.write(head)
-                if req.has_body:
-                    if first and attempt == 1:
-                        async for chunk in client.body(req):
-                            if session.body_received(len(chunk)):
-                                buffer.append(chunk)
-                            else:
-                                buffer.clear()  # too large to replay: the session refuses replays
-                            await self._send_chunk(conn, req, chunk)
-                    elif session.body_replayable:
-                        for chunk in buffer:
-                            await self._send_chunk(conn, req, chunk)
-                    else:
-                        raise UpstreamError(
-                            "bad_response", "the request body cannot be sent again", sent=True
-                        )
-                    if req.chunked:
-                        conn.writer.write(b"0\r\n\r\n")
-                elif first:
-                    req.body_done = req.body_done or self._pop_end(client)
-                await conn.writer.drain()
-                headers = await conn.read_head(tmo.response)
+                headers = await self.send_request(
+                    conn, client, req, head, from_client=first and attempt == 1, first=first,
+                    buffer=buffer, session=session,
+                )  # fmt: skip
             except (ConnectionError, OSError) as e:
                 conn.close()
                 err = UpstreamError("bad_response", f"instance {inst.id}: {e}", sent=not conn.reused)
@@ -1064,6 +1045,42 @@ class Worker:
             self._response_seen(inst, conn.status)
             return conn, headers
         raise AssertionError("unreachable")
+
+    async def send_request(
+        self,
+        conn: UpstreamConn,
+        client: ClientConnection,
+        req: Request,
+        head: bytes,
+        *,
+        from_client: bool,
+        first: bool,
+        buffer: list[bytes],
+        session: ReplaySession,
+    ) -> list[tuple[bytes, bytes]]:
+        """Write ``head`` and the request body on ``conn``, then read the response head. The body comes
+        from the client when ``from_client`` (kept in ``buffer`` while replayable), else from ``buffer``
+        (to an instance or to a peer proxy alike)."""
+        conn.writer.write(head)
+        if req.has_body:
+            if from_client:
+                async for chunk in client.body(req):
+                    if session.body_received(len(chunk)):
+                        buffer.append(chunk)
+                    else:
+                        buffer.clear()  # too large to replay: the session refuses replays
+                    await self._send_chunk(conn, req, chunk)
+            elif session.body_replayable:
+                for chunk in buffer:
+                    await self._send_chunk(conn, req, chunk)
+            else:
+                raise UpstreamError("bad_response", "the request body cannot be sent again", sent=True)
+            if req.chunked:
+                conn.writer.write(b"0\r\n\r\n")
+        elif first:
+            req.body_done = req.body_done or self._pop_end(client)
+        await conn.writer.drain()
+        return await conn.read_head(self.config.timeouts.response)
 
     def _response_seen(self, inst: Instance, status: int) -> None:
         """An instance's response status for outlier detection, ejecting the instance if it is one."""
