@@ -3,7 +3,9 @@ passive health and load accounting — unit tests, then properties over random f
 
 from __future__ import annotations
 
+import contextlib
 import random
+import threading
 from collections import Counter
 from typing import Any
 
@@ -27,6 +29,7 @@ from verdigris.proxy.balance import (
 )
 from verdigris.proxy.errors import ErrorCode
 from verdigris.proxy.table import QUERIES, RoutingTable
+from verdigris.watchdog.rwlock import RWLock
 
 
 def make_table(
@@ -569,3 +572,57 @@ def test_load_tracker() -> None:
     assert lt.load("a") == 1 and s1.released and not s2.released
     s2.release()
     assert lt.loads() == {} and lt.total == 0
+
+
+# ------------------------------------------------------------------------------------------------ table lock
+
+
+def test_decisions_hold_the_tables_read_side_once() -> None:
+    """choose / choose_for_host read the table under its lock's read side (one acquire per decision); a
+    decision waits for a writer that holds the write side, and is made once the write is done."""
+    t = make_table([("m1", "ams", "started")])
+    b = balancer(t)
+    taken: list[str] = []
+    lock = t.lock
+    assert isinstance(lock, RWLock)
+
+    class Recording:
+        def read(self) -> contextlib.AbstractContextManager[None]:
+            taken.append("read")
+            return lock.read()
+
+        def write(self) -> contextlib.AbstractContextManager[None]:
+            taken.append("write")
+            return lock.write()
+
+    t.lock = Recording()
+    assert routed(b.choose_for_host("web.example.com", now=0.0)) == "m1"
+    assert routed(b.choose("web", now=0.0)) == "m1"
+    assert isinstance(b.choose_for_host("nope.example.com", now=0.0), Reject)
+    assert taken == ["read"] * 3
+    t.lock = lock
+    # a writer in another thread holds the write side: the decision waits for it (bounded here)
+    holding, release = threading.Event(), threading.Event()
+
+    def writer() -> None:
+        with lock.write():
+            holding.set()
+            release.wait(10.0)
+
+    decisions: list[Decision] = []
+    decided = threading.Event()
+
+    def decide() -> None:
+        decisions.append(b.choose_for_host("web.example.com", now=0.0))
+        decided.set()
+
+    threads = [threading.Thread(target=writer), threading.Thread(target=decide)]
+    threads[0].start()
+    assert holding.wait(10.0)
+    threads[1].start()
+    assert not decided.wait(0.2)  # a bounded observation: it waits while the write side is held
+    release.set()
+    assert decided.wait(10.0)
+    for th in threads:
+        th.join(10.0)
+    assert routed(decisions[0]) == "m1"

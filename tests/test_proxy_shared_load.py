@@ -34,6 +34,7 @@ from verdigris.proxy.shared_load import (
     SharedLoadTracker,
 )
 from verdigris.proxy.table import RoutingTable
+from verdigris.proxy.worker import worker_pids
 
 SPAWN = multiprocessing.get_context("spawn")
 
@@ -429,7 +430,7 @@ def e2e(tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2E]:
 
 
 def test_two_workers_hold_a_hard_limit_of_one(e2e: E2E) -> None:
-    """Concurrent requests on separate connections (spread over both workers by SO_REUSEPORT): the
+    """Concurrent requests on separate connections (spread over both workers: they accept from one socket): the
     instance never sees two at once, and requests queued in one worker are woken by releases in the
     other (every one succeeds within the queue timeout)."""
 
@@ -437,7 +438,9 @@ def test_two_workers_hold_a_hard_limit_of_one(e2e: E2E) -> None:
         status, headers, _body = e2e.proxy.get("one.test", "/?s=0.1")
         return status, headers["fly-request-id"][:8]  # the request id starts with the worker's prefix
 
-    for _attempt in range(5):  # until both workers took part (SO_REUSEPORT hashes the connections)
+    for _attempt in range(
+        5
+    ):  # until both workers took part (whichever worker accepts first gets a connection)
         e2e.upstream.reset()
         with ThreadPoolExecutor(8) as pool:
             results = list(pool.map(one, range(8)))
@@ -526,17 +529,6 @@ def test_requests_app_counts_per_request_on_one_connection(e2e: E2E) -> None:
         c.close()
 
 
-def _worker_pids(supervisor: int) -> list[int]:
-    """The supervisor's worker processes (spawned: ``spawn_main`` in their command line)."""
-    pids = []
-    for task in Path(f"/proc/{supervisor}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
-            if b"spawn_main" in cmdline:
-                pids.append(int(child))
-    return pids
-
-
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc")
 def test_a_worker_killed_holding_a_slot_does_not_keep_it(e2e: E2E) -> None:
     """SIGKILL the workers while one holds the only slot: the supervisor zeroes a dead worker's counts
@@ -558,7 +550,7 @@ def test_a_worker_killed_holding_a_slot_does_not_keep_it(e2e: E2E) -> None:
     while e2e.upstream.active == 0:  # the slot is taken once the instance has the request
         assert time.monotonic() < deadline, "the request never reached the instance"
         time.sleep(0.01)
-    pids = _worker_pids(proxy.proc.pid)
+    pids = worker_pids(proxy.proc.pid)
     assert len(pids) == 2, pids
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
@@ -573,4 +565,4 @@ def test_a_worker_killed_holding_a_slot_does_not_keep_it(e2e: E2E) -> None:
             break
         assert time.monotonic() < deadline + WAIT, "the dead worker's slot was never given back"
         time.sleep(0.05)
-    assert set(_worker_pids(proxy.proc.pid)).isdisjoint(pids)
+    assert set(worker_pids(proxy.proc.pid)).isdisjoint(pids)

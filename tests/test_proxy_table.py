@@ -8,7 +8,11 @@ snapshot.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import random
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,9 +22,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from verdigris.api.wire import Change, Columns, EndOfQuery, Error, Event, Notify, Row
-from verdigris.proxy.table import QUERIES, App, RoutingTable, _columns_of, normalize_host, parse_address
+from verdigris.proxy.table import (
+    QUERIES,
+    App,
+    IncidentRow,
+    RoutingTable,
+    _columns_of,
+    make_lock,
+    normalize_host,
+    parse_address,
+)
 from verdigris.store import Statement, Store
 from verdigris.store.subscriptions import ChangeEvent, SubscriptionManager
+from verdigris.watchdog.rwlock import PlainRWLock, RWLock
+
+WAIT = 10.0
 
 PLATFORM_SQL = Path(__file__).resolve().parent.parent / "schemas" / "platform.sql"
 
@@ -575,3 +591,99 @@ def test_host_answers_follow_changes_despite_the_memo() -> None:
     for i in range(5000):  # the memo is bounded
         t.app_for_host(f"h{i}.example.com")
     assert len(t._host_cache) <= 4096
+
+
+# ------------------------------------------------------------------------------------------------ lock, incident
+
+
+class RecordingLock:
+    """The project's lock, recording which side each use took (to show who takes what)."""
+
+    def __init__(self) -> None:
+        self.inner = RWLock("recorded")
+        self.taken: list[str] = []
+
+    def read(self) -> contextlib.AbstractContextManager[None]:
+        self.taken.append("read")
+        return self.inner.read()
+
+    def write(self) -> contextlib.AbstractContextManager[None]:
+        self.taken.append("write")
+        return self.inner.write()
+
+
+def incident_table(lock: Any = None) -> RoutingTable:
+    t = RoutingTable(lock=lock, incident_row=IncidentRow.parse("apps:trigger"))
+    for name in QUERIES:  # the trigger row in a snapshot is loaded like any row: a restarted worker lives
+        rows = [APP, ("trigger", "acme", "requests", 1, 2)] if name == "apps" else []
+        assert t.load(name, rows) == []
+    return t
+
+
+def test_feed_takes_the_write_side_and_make_lock() -> None:
+    lock = RecordingLock()
+    t = RoutingTable(lock=lock)
+    t.load("apps", [APP])
+    assert lock.taken == ["write"] * 3  # columns, one row, end of query
+    assert isinstance(make_lock("project"), RWLock) and isinstance(make_lock("plain"), PlainRWLock)
+    assert isinstance(RoutingTable().lock, RWLock)  # the project's lock by default
+    with pytest.raises(ValueError, match="expected 'project' or 'plain'"):
+        make_lock("spin")
+
+
+def test_incident_with_the_project_lock_is_refused_and_the_stream_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    t = incident_table()
+    assert t.app("trigger") is not None  # loaded from the snapshot
+    with caplog.at_level(logging.ERROR, logger="verdigris.proxy.table"):
+        p = t.feed("apps", Change("update", 2, ["trigger", "acme", "requests", 5, 6], 1))
+    assert p is not None and p.kind == "refused" and not p.resubscribe, p
+    assert t.stats.apply_refused == 1 and t.app("trigger") == App("trigger", "acme", "requests", 1, 2)
+    assert t.resume_point("apps")[1] == 1  # the change id is consumed: the next change is no gap
+    [record] = [r for r in caplog.records if r.getMessage().startswith("table_apply_refused ")]
+    message = record.getMessage()
+    assert 'row="apps:trigger"' in message and "error_type=LockUpgradeError" in message
+    error = json.loads(message.split(" error=", 1)[1])
+    assert "Read side taken at:" in error and "in _feed_incident" in error and "in _apply_under_read" in error
+    # other rows apply, and the lock is free again (a write from another thread gets it at once)
+    assert t.feed("apps", Change("insert", 3, ["api", "acme", "requests", 0, 0], 2)) is None
+    assert t.app("api") is not None and t.stats.gaps == 0
+    p = t.feed("apps", Change("delete", 2, ["trigger", "acme", "requests", 1, 2], 3))
+    assert p is not None and p.kind == "refused" and t.app("trigger") is not None
+    done = threading.Event()
+
+    def writer() -> None:
+        with t.lock.write():
+            done.set()
+
+    threading.Thread(target=writer).start()
+    assert done.wait(WAIT)
+    # another app's row, and the trigger's key in another table, are not the incident
+    assert IncidentRow.parse("apps:trigger").matches({"name": 0}, ["trigger"])
+    assert not IncidentRow.parse("apps:trigger").matches({"name": 0}, ["other"])
+    assert IncidentRow.parse("services:web/80").matches({"app": 0, "port": 1}, ["web", 80])
+    assert not IncidentRow.parse("services:web/80").matches({"app": 0}, ["web"])  # no such column
+
+
+def test_incident_with_the_plain_lock_blocks_the_applying_thread() -> None:
+    lock = PlainRWLock("table")
+    t = incident_table(lock)
+    applied = threading.Event()
+
+    def apply() -> None:
+        t.feed("apps", Change("update", 2, ["trigger", "acme", "requests", 5, 6], 1))
+        applied.set()
+
+    thread = threading.Thread(target=apply, daemon=True)
+    thread.start()
+    # a bounded observation: the thread waits for itself (readers == 1, its own) and never gets on
+    assert not applied.wait(0.5) and thread.is_alive()
+    assert "1 reader(s)" in repr(lock)
+    # let it go (the test's own cleanup: drop the reader it waits for, as nothing in the lock can)
+    with lock._cond:
+        lock._readers -= 1
+        lock._cond.notify_all()
+    assert applied.wait(WAIT)
+    thread.join(WAIT)
+    assert t.app("trigger") == App("trigger", "acme", "requests", 5, 6)  # the plain lock applied it

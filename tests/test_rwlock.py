@@ -18,6 +18,7 @@ from verdigris.watchdog import (
     LockUpgradeError,
     RWLock,
 )
+from verdigris.watchdog.rwlock import PlainRWLock
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -501,3 +502,92 @@ async def test_async_cancelled_writer_releases_held_back_readers() -> None:
         assert got == ["reader"]
     with pytest.raises(asyncio.CancelledError):
         await writer
+
+
+# ------------------------------------------------------------------------------------------- lazy stacks
+
+
+def _hold_read_then_go_deeper(lock: RWLock, inside: threading.Event, done: threading.Event) -> None:
+    with lock.read():
+        _deeper(inside, done)
+
+
+def _deeper(inside: threading.Event, done: threading.Event) -> None:
+    inside.set()
+    done.wait(WAIT)
+
+
+def test_read_stack_is_where_the_read_was_taken_while_the_holder_goes_deeper() -> None:
+    """The thread lock's read side records its stack lazily (a frame reference): read from another thread
+    while the holder runs deeper code, it is still the stack at the acquisition."""
+    lock = RWLock("lazy")
+    inside, done = threading.Event(), threading.Event()
+    t = threading.Thread(target=_hold_read_then_go_deeper, args=(lock, inside, done), name="holder")
+    t.start()
+    try:
+        assert inside.wait(WAIT)
+        [h] = lock.holders()
+        assert "holder" in h.owner and h.mode == "read"
+        assert h.stack.rstrip().endswith("with lock.read():"), h.stack  # the acquiring line, not the current
+        assert "in _hold_read_then_go_deeper" in h.stack and "in _deeper" not in h.stack
+    finally:
+        done.set()
+        t.join(WAIT)
+    assert lock.holders() == []
+
+
+# ------------------------------------------------------------------------------------------- plain lock
+
+
+def test_plain_lock_shares_readers_and_excludes_a_writer() -> None:
+    lock = PlainRWLock("plain")
+    with lock.read(), lock.read():  # readers share (no owners: a nested read is just one more)
+        assert "2 reader(s)" in repr(lock)
+    order: list[str] = []
+    holding, release = threading.Event(), threading.Event()
+
+    def writer() -> None:
+        with lock.write():
+            holding.set()
+            release.wait(WAIT)
+            order.append("writer done")
+
+    def reader() -> None:
+        with lock.read():
+            order.append("reader in")
+
+    w = threading.Thread(target=writer)
+    w.start()
+    assert holding.wait(WAIT)
+    r = threading.Thread(target=reader)
+    r.start()
+    r.join(0.2)  # a bounded observation: the reader waits while the writer holds the lock
+    assert r.is_alive() and order == []
+    release.set()
+    w.join(WAIT)
+    r.join(WAIT)
+    assert order == ["writer done", "reader in"]
+
+
+def test_plain_lock_upgrade_blocks_forever() -> None:
+    """The incident: the read side, then the write side, in one thread. The plain lock waits for the
+    thread's own reader to leave: it never does (observed for a bounded time, then released by hand)."""
+    lock = PlainRWLock("plain")
+    wrote = threading.Event()
+
+    def upgrade() -> None:
+        with lock.read(), lock.write():
+            wrote.set()
+
+    t = threading.Thread(target=upgrade, daemon=True)
+    t.start()
+    assert not wrote.wait(0.5) and t.is_alive()
+    with lock._cond:  # cleanup only: drop the reader it waits for (nothing in the lock ever would)
+        lock._readers -= 1
+        lock._cond.notify_all()
+    assert wrote.wait(WAIT)
+    t.join(WAIT)
+    with pytest.raises(LockUpgradeError):  # the project's lock refuses the same thing at once
+        project = RWLock("project")
+        with project.read(), project.write():
+            pass

@@ -36,6 +36,10 @@ The rules, and why:
   that was already forwarded once (``may_forward=False``) is never forwarded again: one hop at most.
 * **Queue when full.** When every local candidate is at its hard limit and there is nowhere to forward,
   the answer is :class:`Queue`; the server waits with a bound and a timeout, then answers 503.
+* **Under the table's read side.** :meth:`Balancer.choose` and :meth:`Balancer.choose_for_host` hold the
+  read side of :attr:`RoutingTable.lock` for the whole decision (one acquire per request); the
+  subscriptions' apply path takes the write side. The supervisor's probe routes through
+  :meth:`Balancer.choose_for_host` too, so a worker whose lock is stuck stops answering probes.
 * **Request headers** (as Fly's): ``fly-force-instance-id`` routes to that instance or fails clearly,
   never elsewhere; ``fly-prefer-instance-id`` routes there when it can take the request, else as usual;
   ``fly-force-region`` keeps the request in that region (forwarding there if it is not this one);
@@ -413,18 +417,25 @@ class Balancer:
     def choose_for_host(
         self, host: str, req: RouteRequest = DEFAULT_REQUEST, *, now: float, acquire: bool = True
     ) -> Decision:
-        """:meth:`choose` for the app serving Host header value ``host``."""
-        app = self.table.app_for_host(host)
-        if app is None:
-            if normalize_host(host) is None:
-                return Reject(400, ErrorCode.BAD_HOST, f"{host[:256]!r} is not a host name")
-            return Reject(404, ErrorCode.NO_SUCH_APP, f"no app is registered for host {host[:256]!r}")
-        return self.choose(app, req, now=now, acquire=acquire)
+        """:meth:`choose` for the app serving Host header value ``host`` (host lookup and decision under
+        one hold of the table's read side)."""
+        with self.table.lock.read():
+            app = self.table.app_for_host(host)
+            if app is None:
+                if normalize_host(host) is None:
+                    return Reject(400, ErrorCode.BAD_HOST, f"{host[:256]!r} is not a host name")
+                return Reject(404, ErrorCode.NO_SUCH_APP, f"no app is registered for host {host[:256]!r}")
+            return self._choose(app, req, now, acquire)
 
     def choose(
         self, app_name: str, req: RouteRequest = DEFAULT_REQUEST, *, now: float, acquire: bool = True
     ) -> Decision:
-        """Where a request for ``app_name`` goes. With ``acquire``, a :class:`Route` holds a slot."""
+        """Where a request for ``app_name`` goes. With ``acquire``, a :class:`Route` holds a slot. The
+        table is read under the read side of its lock (:attr:`RoutingTable.lock`)."""
+        with self.table.lock.read():
+            return self._choose(app_name, req, now, acquire)
+
+    def _choose(self, app_name: str, req: RouteRequest, now: float, acquire: bool) -> Decision:
         app = self.table.app(app_name)
         if app is None:
             return Reject(404, ErrorCode.NO_SUCH_APP, f"no app named {app_name[:256]!r}")

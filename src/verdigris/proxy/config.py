@@ -3,8 +3,9 @@
 ::
 
     [proxy]
-    listen = "0.0.0.0:8000"          # every worker binds it with SO_REUSEPORT
+    listen = "0.0.0.0:8000"          # the supervisor binds it once; every worker accepts from it
     workers = 2
+    worker_start = "forkserver"      # or "spawn": a fresh interpreter per worker (slower restarts)
     agent = "http://127.0.0.1:8080"  # the local agent, whose subscriptions feed the routing table
     region = "ams"
     max_header_bytes = 65536         # request line + headers; beyond: 431
@@ -14,7 +15,9 @@
     probe_deadline = 1.0             # a worker that does not answer a probe within this is stuck
     watchdog = true                  # replace a stuck worker (stacks dumped first); false: only count
     stack_dir = "/var/tmp/vd-stacks" # where stuck workers' stacks are kept (the last 20; default: temp dir)
-    fault_injection = false          # tests only: the /fault/* endpoints (with metrics_listen)
+    environment = "development"      # "production" refuses every fault-injection setting below
+    table_lock = "project"           # the routing table's lock; "plain": the naive one (fault injection)
+    fault_injection = false          # tests only: the /fault/* endpoints, table_lock = "plain", [proxy.fault]
     id = "ams-edge-1"                # this proxy's row in the global `proxies` table (default: derived)
     external_addr = "10.0.0.5:8000"  # where other regions' proxies reach it (default: listen)
     peer_token = "..."               # shared by every proxy: authenticates forwarded requests
@@ -29,6 +32,19 @@
     drain = 10.0                     # SIGTERM: in-flight requests (and open tunnels) get this long
     send = 60.0                      # a client not reading what we have to write: aborted after this
     tunnel_idle = 300.0              # a WebSocket tunnel with no byte either way: closed after this
+    wake = 20.0                      # autostart: a request held while a stopped app is started
+
+    [proxy.fault]                    # fault injection only (needs fault_injection = true)
+    incident_row = "apps:incident-trigger"  # a change of this row takes the table lock read, then write
+
+``table_lock``: ``"project"`` (the default) is :class:`~verdigris.watchdog.rwlock.RWLock`, which refuses a
+read→write upgrade with an error; ``"plain"`` is :class:`~verdigris.watchdog.rwlock.PlainRWLock`, the naive
+lock that deadlocks on it, kept only to reproduce the incident. ``[proxy.fault] incident_row``:
+``"<table>:<primary key value>"`` of a subscribed table (``apps``, ``hostnames``, ``app_regions``,
+``machines``, ``services``, ``checks``, ``proxies``, ``region_rtt``), the parts of a composite key joined by
+``/`` (``"checks:m1/http"``); see :class:`~verdigris.proxy.table.IncidentRow` and docs/watchdog.md, "The
+incident switch". Both are accepted only with ``fault_injection = true``, and ``environment =
+"production"`` refuses ``fault_injection = true``, ``table_lock = "plain"`` and any ``[proxy.fault]``.
 
 Validation is strict, as for the agent's file: an unknown key or a value of the wrong type is an error,
 and every problem is reported in one :class:`ProxyConfigError`.
@@ -40,9 +56,14 @@ import socket
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from verdigris.config import Addr, parse_addr
+from verdigris.proxy.table import IncidentRow
+
+Environment = Literal["production", "development"]
+TableLockKind = Literal["project", "plain"]
+WorkerStart = Literal["spawn", "forkserver"]
 
 
 class ProxyConfigError(Exception):
@@ -71,6 +92,9 @@ class ProxyTimeouts:
     is more to send; then the client connection and the upstream one are aborted."""
     tunnel_idle: float = 300.0
     """A WebSocket (Upgrade) tunnel with no byte in either direction for this long is closed."""
+    wake: float = 20.0
+    """Autostart: how long a request for an app with no started instance in reach is held while a
+    machines agent starts one (verdigris.proxy.wake); then 503 no_healthy_instance."""
 
 
 @dataclass(frozen=True)
@@ -90,9 +114,21 @@ class ProxyHeaders:
 
 
 @dataclass(frozen=True)
+class ProxyFault:
+    """``[proxy.fault]``: fault injection that reproduces the incident (needs ``fault_injection``)."""
+
+    incident_row: IncidentRow | None = None
+    """A change (not a snapshot row) of this row is applied under the read side of the table lock and
+    then the write side (:mod:`verdigris.proxy.table`, "The incident switch")."""
+
+
+@dataclass(frozen=True)
 class ProxyConfig:
     listen: Addr = field(default_factory=lambda: parse_addr("127.0.0.1:8000"))
     workers: int = 2
+    worker_start: WorkerStart = "forkserver"
+    """How worker processes start: ``"spawn"`` (a fresh interpreter each) or ``"forkserver"`` (forked from
+    a server that has imported the worker's modules: restarts take a fraction of the time)."""
     agent: str = "http://127.0.0.1:8080"
     token: str | None = None
     region: str = "local"
@@ -121,7 +157,14 @@ class ProxyConfig:
     :meth:`stack_directory`."""
     fault_injection: bool = False
     """Tests only: with ``metrics_listen``, the supervisor serves ``POST /fault/stall`` and
-    ``/fault/crashloop``, and workers accept the ``stall`` and ``crash`` control ops. Off by default."""
+    ``/fault/crashloop``, and workers accept the ``stall`` and ``crash`` control ops; ``table_lock =
+    "plain"`` and ``[proxy.fault]`` are accepted. Off by default; refused in production."""
+    environment: Environment = "development"
+    """``"production"`` refuses ``fault_injection``, ``table_lock = "plain"`` and ``[proxy.fault]``."""
+    table_lock: TableLockKind = "project"
+    """The routing table's read-write lock: ``"project"`` (:class:`~verdigris.watchdog.rwlock.RWLock`) or
+    ``"plain"`` (:class:`~verdigris.watchdog.rwlock.PlainRWLock`, fault injection only)."""
+    fault: ProxyFault = field(default_factory=ProxyFault)
     timeouts: ProxyTimeouts = field(default_factory=ProxyTimeouts)
     headers: ProxyHeaders = field(default_factory=ProxyHeaders)
     id: str | None = None
@@ -162,6 +205,7 @@ class ProxyConfig:
 _TOP = {
     "listen",
     "workers",
+    "worker_start",
     "agent",
     "token",
     "region",
@@ -176,12 +220,21 @@ _TOP = {
     "watchdog",
     "stack_dir",
     "fault_injection",
+    "environment",
+    "table_lock",
     "id",
     "external_addr",
     "peer_token",
 }
 _TIMEOUTS = set(ProxyTimeouts.__dataclass_fields__)
 _HEADERS = set(ProxyHeaders.__dataclass_fields__)
+_FAULT = set(ProxyFault.__dataclass_fields__)
+_SECTIONS = {"timeouts", "headers", "fault"}
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "environment": ("production", "development"),
+    "table_lock": ("project", "plain"),
+    "worker_start": ("spawn", "forkserver"),
+}
 
 
 def load_proxy_config(path: str | Path) -> ProxyConfig:
@@ -219,7 +272,29 @@ def parse_proxy_config(doc: dict[str, Any], where: str = "<config>") -> ProxyCon
 
     for key, value in sec.items():
         dotted = f"proxy.{key}"
-        if key == "timeouts" or key == "headers":
+        if key == "fault":
+            if not isinstance(value, dict):
+                errors.append(f"{dotted}: expected a table")
+                continue
+            fault: dict[str, Any] = {}
+            for k, v in value.items():
+                if k not in _FAULT:
+                    errors.append(f"{dotted}.{k}: unknown key (known: {', '.join(sorted(_FAULT))})")
+                elif not isinstance(v, str):
+                    errors.append(f'{dotted}.{k}: expected a "<table>:<primary key value>" string, got {v!r}')
+                else:
+                    try:
+                        fault[k] = IncidentRow.parse(v)
+                    except ValueError as e:
+                        errors.append(f"{dotted}.{k}: {e}")
+            kw[key] = ProxyFault(**fault)
+        elif key in _CHOICES:
+            choices = _CHOICES[key]
+            if value in choices:
+                kw[key] = value
+            else:
+                errors.append(f"{dotted}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
+        elif key == "timeouts" or key == "headers":
             if not isinstance(value, dict):
                 errors.append(f"{dotted}: expected a table")
                 continue
@@ -238,9 +313,7 @@ def parse_proxy_config(doc: dict[str, Any], where: str = "<config>") -> ProxyCon
                     sub[k] = value[k].lower() if k != "via" else value[k]
             kw[key] = ProxyTimeouts(**sub) if key == "timeouts" else ProxyHeaders(**sub)
         elif key not in _TOP:
-            errors.append(
-                f"{dotted}: unknown key (known: {', '.join(sorted(_TOP | {'timeouts', 'headers'}))})"
-            )
+            errors.append(f"{dotted}: unknown key (known: {', '.join(sorted(_TOP | _SECTIONS))})")
         elif key == "listen":
             try:
                 kw[key] = parse_addr(str(value))
@@ -292,9 +365,42 @@ def parse_proxy_config(doc: dict[str, Any], where: str = "<config>") -> ProxyCon
     m = kw.get("metrics_listen")
     if m is not None and m.port != 0 and m == kw.get("listen", ProxyConfig().listen):
         errors.append("proxy.metrics_listen: must differ from proxy.listen")
+    errors.extend(_fault_rules(sec, kw))
     if errors:
         raise ProxyConfigError("\n".join(f"{where}: {e}" for e in errors))
     return ProxyConfig(**kw)
 
 
-__all__ = ["ProxyConfig", "ProxyConfigError", "ProxyHeaders", "ProxyTimeouts", "load_proxy_config"]
+def _fault_rules(sec: dict[str, Any], kw: dict[str, Any]) -> list[str]:
+    """Fault injection is off by default and refused in production: the settings that reproduce the
+    incident need ``fault_injection = true``, which ``environment = "production"`` refuses."""
+    errors: list[str] = []
+    faulty = []
+    if kw.get("table_lock") == "plain":
+        faulty.append('proxy.table_lock = "plain"')
+    if "fault" in sec:
+        faulty.append("[proxy.fault]")
+    if kw.get("environment") == "production":
+        if kw.get("fault_injection"):
+            faulty.insert(0, "proxy.fault_injection = true")
+        for what in faulty:
+            errors.append(f'{what}: refused with proxy.environment = "production" (fault injection only)')
+    elif faulty and not kw.get("fault_injection"):
+        for what in faulty:
+            errors.append(
+                f"{what}: fault injection only; set proxy.fault_injection = true (never in production)"
+            )
+    return errors
+
+
+__all__ = [
+    "Environment",
+    "ProxyConfig",
+    "ProxyConfigError",
+    "ProxyFault",
+    "ProxyHeaders",
+    "ProxyTimeouts",
+    "TableLockKind",
+    "WorkerStart",
+    "load_proxy_config",
+]

@@ -2,7 +2,8 @@
 routing each request with the sans-IO core (:mod:`~verdigris.proxy.balance`,
 :mod:`~verdigris.proxy.replay`) and forwarding it over pooled upstream connections
 (:mod:`~verdigris.proxy.upstream`). One :class:`Worker` per process; :mod:`verdigris.proxy.worker` runs
-several sharing the port (SO_REUSEPORT). See docs/proxy.md, "The server".
+several accepting from one listening socket that the supervisor binds (:func:`bind_listener`) and hands
+to each of them. See docs/proxy.md, "The server".
 """
 
 from __future__ import annotations
@@ -47,8 +48,9 @@ from verdigris.proxy.replay import (
 )
 from verdigris.proxy.shared_load import SharedLoad, SharedLoadHandle, SharedLoadTracker
 from verdigris.proxy.stats import RequestCounters, probe, snapshot
-from verdigris.proxy.table import Instance, RoutingTable
+from verdigris.proxy.table import Instance, RoutingTable, make_lock
 from verdigris.proxy.upstream import UpstreamConn, UpstreamError, UpstreamPool
+from verdigris.proxy.wake import Waker
 
 log = logging.getLogger("verdigris.proxy")
 
@@ -525,7 +527,11 @@ class Worker:
         self, config: ProxyConfig, table: RoutingTable | None = None, *, load: LoadTracker | None = None
     ) -> None:
         self.config = config
-        self.table = table if table is not None else RoutingTable()
+        self.table = (
+            table
+            if table is not None
+            else RoutingTable(lock=make_lock(config.table_lock), incident_row=config.fault.incident_row)
+        )
         self.balancer = Balancer(self.table, config.region, rng=random.Random(), load=load)
         self.shared = load if isinstance(load, SharedLoadTracker) else None
         """Load counted across the worker processes (None: this process only)."""
@@ -560,6 +566,10 @@ class Worker:
         """Request headers never passed on as the client sent them (see :meth:`build_head`)."""
         self.forwarder = Forwarder(self)
         """Forwarding to other regions' proxies, and requests forwarded by them (forward.py)."""
+        self.waker = Waker(
+            self.table, config.region, config.agent, config.token, config.timeouts.wake, self.count
+        )
+        """Autostart of an app with no instance in reach (wake.py)."""
         self.balancer.distances = self.table.distances(config.region)  # live region_rtt rows
         self._rid = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -807,6 +817,11 @@ class Worker:
         if isinstance(decision, Forward):
             decision = self.forwarder.plan(route, decision)
         if isinstance(decision, Reject):
+            forwarded = bool(req.forwarded)  # autostart of a scaled-to-zero app (wake.py):
+            if self.waker.applies(decision, app_name, route, req.extra, forwarded=forwarded):
+                assert app_name is not None
+                woken = await self.waker.wake(app_name, decision, local_only=forwarded)
+                return woken or await self._route_and_forward(client, req, route, str_headers)
             return decision
         assert app_name is not None
         if req.upgrade:
@@ -933,7 +948,7 @@ class Worker:
                 extra_set, extra_delete = replay.set_headers, replay.delete_headers
 
     def _upstream_reject(self, inst: Instance, e: UpstreamError) -> Reject:
-        self.metrics.upstream_error(e.kind)
+        self.metrics.upstream_error(e.kind, inst.app, inst.id)
         now = self.loop.time()
         if e.kind in ("refused", "connect_timeout") and self.balancer.outliers.connect_failed(inst.id, now):
             self.pool.drop_instance(inst.id)
@@ -1185,7 +1200,7 @@ class Worker:
             conn.close()
             log.warning("request %s: %s", req.rid, e)
             self.count("upstream_broken_mid_response")
-            self.metrics.upstream_error("reset")
+            self.metrics.upstream_error("reset", req.app, conn.instance_id)
             client.abort()
             raise ClientGone(str(e)) from None
         except ClientGone:
@@ -1363,6 +1378,37 @@ class Worker:
                 c.close()
 
 
+LISTEN_BACKLOG: Final = 1024
+"""Connections the kernel queues on the listening socket before refusing more: the queue that absorbs
+new connections while every worker is stuck, until their replacements accept them."""
+READY_WAIT: Final = 5.0
+"""Seconds a worker on the shared socket waits for its routing table before accepting anyway."""
+READY_POLL: Final = 0.01
+
+
+def bind_listener(addr: tuple[str, int]) -> socket.socket:
+    """The proxy's one listening socket on ``addr`` (the first address the host resolves to), listening,
+    non-blocking. The supervisor binds it before any worker starts and hands it to every worker: they
+    all accept from its one queue, so a connection waiting there is taken by whichever worker is free —
+    none is lost to a worker that is stuck or killed, and a replacement accepts from the same socket.
+    OSError (with ``strerror``) when it cannot be bound."""
+    host, port = addr
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, kind, proto, _, sockaddr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart while old connections linger
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(sockaddr)
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 async def serve(
     config: ProxyConfig,
     *,
@@ -1370,10 +1416,13 @@ async def serve(
     control: socket.socket | None = None,
     worker_index: int = 0,
     shared_load: SharedLoadHandle | None = None,
+    listen_socket: socket.socket | None = None,
 ) -> int:
     """Run one worker until ``stop`` is set, then drain for at most ``timeouts.drain`` seconds.
     ``shared_load``: the supervisor's load counts, counted in as worker ``worker_index`` (without it,
-    this worker counts alone: right for a single worker only)."""
+    this worker counts alone: right for a single worker only). ``listen_socket``: the supervisor's
+    listening socket, shared by every worker, served once this worker's routing table is complete (at
+    most ``READY_WAIT`` seconds); without it the worker binds ``listen`` itself (a worker on its own)."""
     loop = asyncio.get_running_loop()
     shared = SharedLoad.attach(shared_load, worker_index) if shared_load is not None else None
     worker = Worker(config, load=SharedLoadTracker(shared) if shared is not None else None)
@@ -1384,11 +1433,16 @@ async def serve(
         handlers = {"probe": lambda a: probe(worker, a), "stats": lambda a: snapshot(worker)}
         ctl = ControlServer(control, handlers, on_close=stop.set)
         ctl.start()
-    host, port = config.listen
+    if listen_socket is not None:
+        # A shared socket: until this worker's table is complete, new connections are better off waiting
+        # in the queue (or taken by a worker that is ready) than answered 503 not_ready here. Bounded: with
+        # the agent down the worker accepts anyway (and answers not_ready, as a lone worker does).
+        ready_by = loop.time() + READY_WAIT
+        while not worker.table.ready and not stop.is_set() and loop.time() < ready_by:
+            await asyncio.sleep(READY_POLL)
     try:
-        server = await loop.create_server(
-            lambda: ClientConnection(worker), host, port, reuse_port=True, backlog=1024
-        )
+        sock = listen_socket if listen_socket is not None else bind_listener(config.listen)
+        server = await loop.create_server(lambda: ClientConnection(worker), sock=sock, backlog=LISTEN_BACKLOG)
     except OSError as e:
         log.error("cannot listen on %s: %s", config.listen, e.strerror or e)
         await feed.close()
@@ -1411,4 +1465,4 @@ async def serve(
     return 0
 
 
-__all__ = ["ClientConnection", "Held", "Request", "Worker", "serve"]
+__all__ = ["LISTEN_BACKLOG", "ClientConnection", "Held", "Request", "Worker", "bind_listener", "serve"]

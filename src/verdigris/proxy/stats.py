@@ -54,7 +54,12 @@ class RequestCounters:
         self.requests: dict[tuple[str, str, str], int] = {}
         self.latency = [0] * (len(LATENCY_BUCKETS) + 1)
         self.latency_sum = 0.0
+        self.app_latency: dict[str, list[int]] = {}
+        """The same histogram per app label (bounded like the apps of ``requests``)."""
+        self.app_latency_sum: dict[str, float] = {}
         self.upstream_errors: dict[str, int] = {}
+        self.instance_errors: dict[tuple[str, str, str], int] = {}
+        """Upstream errors by (app, instance, kind); :func:`snapshot` drops instances gone from the table."""
         self._apps: set[str] = set()
         self._regions: set[str] = set()
 
@@ -78,11 +83,20 @@ class RequestCounters:
         self.requests[key] = self.requests.get(key, 0) + 1
         if req.status == 101:
             return  # a WebSocket tunnel: how long it stayed open is not a latency
-        self.latency[bisect_left(LATENCY_BUCKETS, elapsed)] += 1
+        bucket = bisect_left(LATENCY_BUCKETS, elapsed)
+        self.latency[bucket] += 1
         self.latency_sum += elapsed
+        per_app = self.app_latency.get(app)
+        if per_app is None:
+            per_app = self.app_latency[app] = [0] * (len(LATENCY_BUCKETS) + 1)
+        per_app[bucket] += 1
+        self.app_latency_sum[app] = self.app_latency_sum.get(app, 0.0) + elapsed
 
-    def upstream_error(self, kind: str) -> None:
+    def upstream_error(self, kind: str, app: str = "", instance: str = "") -> None:
         self.upstream_errors[kind] = self.upstream_errors.get(kind, 0) + 1
+        if instance:  # per instance too: tells one bad instance (or network path) from a stalled proxy
+            key = (app, instance, kind)
+            self.instance_errors[key] = self.instance_errors.get(key, 0) + 1
 
 
 class WorkerStats(msgspec.Struct, forbid_unknown_fields=False):
@@ -105,8 +119,17 @@ class WorkerStats(msgspec.Struct, forbid_unknown_fields=False):
     table_ready: bool
     table_counts: dict[str, int]
     table_stats: dict[str, int]
+    """The routing table's :class:`~verdigris.proxy.table.TableStats`, including ``apply_refused`` (changes
+    the table lock refused to apply: exported as ``verdigris_proxy_table_apply_refused_total``)."""
     table_problems: int
     outliers: dict[str, int]
+    instance_errors: list[tuple[str, str, str, int]] = []
+    """(app, instance, kind, count) of instances still in the routing table."""
+    instance_ejected: list[tuple[str, str, float]] = []
+    """(app, instance, seconds of ejection left) of those instances that passive health ejected."""
+    app_latency: dict[str, list[int]] = {}
+    """Per app label: ``latency`` of its requests."""
+    app_latency_sum: dict[str, float] = {}
 
 
 def snapshot(worker: Worker) -> WorkerStats:
@@ -122,6 +145,16 @@ def snapshot(worker: Worker) -> WorkerStats:
     rest = sum(n for _, n in top[MAX_INSTANCES:])
     if rest:
         instances.append((OTHER, OTHER, rest))
+    errors = m.instance_errors
+    for key in [k for k in errors if worker.table.instance(k[1]) is None]:
+        del errors[key]  # bounded cardinality: an instance gone from the table loses its series
+    # An ejected instance gets no more requests, so no more errors: its ejection is the lasting evidence.
+    now = asyncio.get_running_loop().time()
+    ejected: list[tuple[str, str, float]] = []
+    for app, iid in dict.fromkeys((a, i) for a, i, _ in errors):
+        until = worker.balancer.outliers.ejected_until(iid, now)
+        if until is not None:
+            ejected.append((app, iid, until - now))
     return WorkerStats(
         pid=os.getpid(),
         counters=dict(worker.stats),
@@ -138,13 +171,17 @@ def snapshot(worker: Worker) -> WorkerStats:
         table_stats={k: int(v) for k, v in asdict(worker.table.stats).items()},
         table_problems=len(worker.table.problems),
         outliers={k: int(v) for k, v in asdict(worker.balancer.outliers.stats).items()},
+        instance_errors=[(a, i, k, n) for (a, i, k), n in errors.items()],
+        instance_ejected=ejected,
+        app_latency={app: list(counts) for app, counts in m.app_latency.items()},
+        app_latency_sum=dict(m.app_latency_sum),
     )
 
 
 def probe(worker: Worker, args: Mapping[str, Any]) -> dict[str, Any]:
     """The answer to a ``probe``: the loop's lag and one real (slot-free) routing decision, made on the
-    event loop by the function requests use (``Balancer.choose_for_host``: host lookup in the table, then
-    the balancer), plus the lock a hard-limited slot takes across workers: with shared load counts the
+    event loop by the function requests use (``Balancer.choose_for_host``: the routing table's read side,
+    host lookup in the table, then the balancer), plus the lock a hard-limited slot takes across workers: with shared load counts the
     probe takes and releases that ``flock`` (``SharedLoad.try_add`` with a limit of 0 counts nothing), so
     a worker whose routing would block on it answers late too. ``lock``: ``ok``, ``busy`` (not taken
     within ``LOCK_TIMEOUT``, or refused during the lock backoff, as a request would be) or ``none``."""

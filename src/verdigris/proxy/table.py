@@ -41,6 +41,23 @@ each (app, region) are kept as a set, updated on the (rare) machine and check ch
 balancer never evaluates health on the (frequent) requests. Passive health (outlier ejection) and load
 are the balancer's business (:mod:`verdigris.proxy.balance`).
 
+Locking: the table is read on every request (the balancer's :meth:`~verdigris.proxy.balance.Balancer.choose`
+takes the read side of :attr:`RoutingTable.lock`) and changed by the subscriptions (:meth:`RoutingTable.feed`
+takes the write side around each event). The lock is the project's :class:`~verdigris.watchdog.rwlock.RWLock`
+(``[proxy] table_lock = "project"``), which refuses a read→write upgrade with an error instead of
+deadlocking; ``"plain"`` (:class:`~verdigris.watchdog.rwlock.PlainRWLock`, fault injection only) is the
+naive lock behind the original outage.
+
+The incident switch (``[proxy.fault] incident_row``, fault injection only; :class:`IncidentRow`): a *change*
+(insert, update or delete; not the rows of a snapshot, so a restarted worker loads the row and lives) of
+that one row is applied the way the outage's code did it: under the read side of the table lock, and
+then, lower in the same call tree, under the write side. With the plain lock the worker's thread (its
+event loop) waits for itself forever; the supervisor's probe times out and the watchdog replaces it. With
+the project lock :class:`~verdigris.watchdog.rwlock.LockUpgradeError` is raised at once: that one change is
+refused (not applied, its change id consumed so that the stream goes on without a gap), logged as one
+``table_apply_refused`` error event carrying both stacks, counted in :attr:`TableStats.apply_refused`, and
+the table keeps serving and applying every other change.
+
 Host names: lower case, no port, no trailing dot. ``*.example.com`` matches any name that ends in
 ``.example.com`` (at any depth, not ``example.com`` itself); an exact name beats every wildcard, and the
 longest matching wildcard wins.
@@ -48,6 +65,8 @@ longest matching wildcard wins.
 
 from __future__ import annotations
 
+import json
+import logging
 import re
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
@@ -57,10 +76,13 @@ from typing import Final, Literal, TypeAlias
 
 from verdigris.api.wire import Change, Columns, EndOfQuery, Error, Event, Notify, Row
 from verdigris.store.types import SqlValue
+from verdigris.watchdog.rwlock import LockError, PlainRWLock, RWLock, SyncRWLock
+
+log = logging.getLogger("verdigris.proxy.table")
 
 Concurrency: TypeAlias = Literal["connections", "requests"]
 ProblemKind: TypeAlias = Literal[
-    "gap", "protocol", "bad_row", "coerced", "stream_error", "unknown_subscription"
+    "gap", "protocol", "bad_row", "coerced", "stream_error", "unknown_subscription", "refused"
 ]
 
 QUERIES: Final[Mapping[str, str]] = {
@@ -86,6 +108,18 @@ _REQUIRED: Final[Mapping[str, tuple[str, ...]]] = {
     "proxies": ("id", "region", "address"),
     "region_rtt": ("src", "dst", "rtt_ms"),
 }
+
+PRIMARY_KEYS: Final[Mapping[str, tuple[str, ...]]] = {
+    "apps": ("name",),
+    "hostnames": ("hostname",),
+    "app_regions": ("app", "region"),
+    "machines": ("id",),
+    "services": ("app", "port"),
+    "checks": ("machine", "name"),
+    "proxies": ("id",),
+    "region_rtt": ("src", "dst"),
+}
+"""The primary key columns of each subscribed table (schemas/platform.sql), for :class:`IncidentRow`."""
 
 OPTIONAL: Final = frozenset({"proxies", "region_rtt"})
 """Subscriptions :attr:`RoutingTable.ready` does not wait for: without them (an agent whose schema does
@@ -212,6 +246,49 @@ _Record: TypeAlias = App | Instance | Service | _Hostname | _AppRegion | _Check 
 
 
 @dataclass(frozen=True, slots=True)
+class IncidentRow:
+    """The row whose changes trigger the incident (``[proxy.fault] incident_row``): a subscribed table and
+    its primary key value, written ``"<table>:<key>"``, the parts of a composite key separated by ``/``
+    (``"apps:incident-trigger"``, ``"checks:m1/http"``). Key values compare as text (``services:web/80``)."""
+
+    table: str
+    key: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, text: str) -> IncidentRow:
+        """``"<table>:<key>"`` -> IncidentRow; ValueError saying what is wrong."""
+        table, sep, key = text.partition(":")
+        if not sep or not table or not key:
+            raise ValueError(
+                f'expected "<table>:<primary key value>" (e.g. "apps:incident-trigger"), got {text!r}'
+            )
+        columns = PRIMARY_KEYS.get(table)
+        if columns is None:
+            raise ValueError(f"unknown table {table!r} (known: {', '.join(sorted(PRIMARY_KEYS))})")
+        parts = tuple(key.split("/")) if len(columns) > 1 else (key,)
+        if len(parts) != len(columns) or not all(parts):
+            raise ValueError(
+                f"table {table} has the primary key ({', '.join(columns)}): write {len(columns)} "
+                f"non-empty value(s) separated by '/', got {key!r}"
+            )
+        return cls(table, parts)
+
+    def matches(self, index: Mapping[str, int], values: Sequence[SqlValue]) -> bool:
+        """Whether a row of this table (``values`` in the column order of ``index``) is this row."""
+        for column, want in zip(PRIMARY_KEYS[self.table], self.key, strict=True):
+            i = index.get(column)
+            if i is None or i >= len(values):
+                return False
+            v = values[i]
+            if v is None or (str(v) if not isinstance(v, str) else v) != want:
+                return False
+        return True
+
+    def __str__(self) -> str:
+        return f"{self.table}:{'/'.join(self.key)}"
+
+
+@dataclass(frozen=True, slots=True)
 class FeedProblem:
     """Something :meth:`RoutingTable.feed` could not apply as is. ``resubscribe`` means the view of this
     subscription can no longer be trusted to follow the agent: reconnect *without* ``from=``."""
@@ -235,6 +312,8 @@ class TableStats:
     bad_rows: int = 0
     coerced: int = 0
     stream_errors: int = 0
+    apply_refused: int = 0
+    """Changes refused because applying them would have deadlocked on the table lock (the incident)."""
 
 
 class _BadRow(Exception):
@@ -259,6 +338,16 @@ class _Feed:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+
+
+def make_lock(kind: str) -> SyncRWLock:
+    """The table lock of ``[proxy] table_lock``: ``"project"`` -> :class:`RWLock` (refuses an upgrade),
+    ``"plain"`` -> :class:`PlainRWLock` (deadlocks on one: fault injection only)."""
+    if kind == "project":
+        return RWLock("routing table")
+    if kind == "plain":
+        return PlainRWLock("routing table")
+    raise ValueError(f"table lock: expected 'project' or 'plain', got {kind!r}")
 
 
 def normalize_host(host: str) -> str | None:
@@ -369,7 +458,11 @@ def _key(value: str, what: str) -> str:
 class RoutingTable:
     """The in-memory routing state of one proxy worker. See the module docstring."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, lock: SyncRWLock | None = None, incident_row: IncidentRow | None = None) -> None:
+        self.lock: SyncRWLock = lock if lock is not None else RWLock("routing table")
+        """Read side: a routing decision (the balancer); write side: applying a subscription event."""
+        self.incident_row = incident_row
+        """Fault injection: changes of this row are applied the way the outage's code did (module doc)."""
         self._feeds: dict[str, _Feed] = {name: _Feed(name) for name in QUERIES}
         self.stats = TableStats()
         self.problems: deque[FeedProblem] = deque(maxlen=MAX_PROBLEMS)
@@ -436,8 +529,60 @@ class RoutingTable:
         return [p for e in events if (p := self.feed(name, e)) is not None]
 
     def feed(self, name: str, event: Event) -> FeedProblem | None:
-        """Apply one event of subscription ``name``. Returns ``None`` when applied (or a harmless
-        duplicate), else what went wrong; never raises."""
+        """Apply one event of subscription ``name`` under the write side of :attr:`lock`. Returns ``None``
+        when applied (or a harmless duplicate), else what went wrong; never raises (with the plain lock
+        and the incident switch it may block forever: that is the incident)."""
+        incident = self.incident_row
+        if incident is not None and name == incident.table and isinstance(event, Change):
+            feed = self._feeds.get(name)
+            if feed is not None and feed.index is not None and incident.matches(feed.index, event.values):
+                return self._feed_incident(name, event, incident)
+        with self.lock.write():
+            return self._feed(name, event)
+
+    def _feed_incident(self, name: str, event: Change, incident: IncidentRow) -> FeedProblem | None:
+        """Fault injection: the outage's code path, on purpose. The row is looked at under the read side,
+        and the apply below takes the write side while the read side is still held."""
+        try:
+            # as the outage's `if let Some(row) = table.read().get(key) { ... }`: the read guard lives on
+            # while the apply below asks for the write side -- the incident, on purpose (fault injection)
+            with self.lock.read():
+                return self._apply_under_read(name, event)  # lockcheck: ok
+        except LockError as e:  # the project's lock: refused at once, with both stacks
+            return self._refused(name, event, incident, e)
+
+    def _apply_under_read(self, name: str, event: Change) -> FeedProblem | None:
+        """Lower in the same call tree: the write side, asked while the caller holds the read side."""
+        with self.lock.write():
+            return self._feed(name, event)
+
+    def _refused(self, name: str, event: Change, incident: IncidentRow, error: LockError) -> FeedProblem:
+        """One change refused by the project's lock: consume its change id (the read side is released
+        now, so the write side can be had), count it, log one error event with both stacks."""
+        with self.lock.write():
+            self.stats.events += 1
+            self.stats.apply_refused += 1
+            feed = self._feeds[name]
+            if feed.last_change_id is not None and event.change_id == feed.last_change_id + 1:
+                feed.last_change_id = event.change_id  # not applied, but the stream goes on with no gap
+        log.error(
+            "table_apply_refused subscription=%s row=%s kind=%s change_id=%d error_type=%s error=%s",
+            name,
+            json.dumps(str(incident)),
+            event.kind,
+            event.change_id,
+            type(error).__name__,
+            json.dumps(str(error)),
+        )
+        return self._problem(
+            name,
+            "refused",
+            f"{event.kind} of row {incident} (change {event.change_id}) refused: {type(error).__name__} "
+            "(both stacks are in the error logged with it)",
+            False,
+        )
+
+    def _feed(self, name: str, event: Event) -> FeedProblem | None:
         self.stats.events += 1
         feed = self._feeds.get(name)
         if feed is None:
@@ -869,17 +1014,20 @@ _DECODERS: Final[Mapping[str, Callable[[list[SqlValue], Mapping[str, int], list[
 __all__ = [
     "DEFAULT_CONCURRENCY",
     "OPTIONAL",
+    "PRIMARY_KEYS",
     "QUERIES",
     "App",
     "Concurrency",
     "Distances",
     "FeedProblem",
+    "IncidentRow",
     "Instance",
     "PeerProxy",
     "ProblemKind",
     "RoutingTable",
     "Service",
     "TableStats",
+    "make_lock",
     "normalize_host",
     "parse_address",
 ]

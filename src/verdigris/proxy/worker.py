@@ -1,17 +1,33 @@
-"""``verdigris proxy``: a supervisor process and N worker processes sharing the port (SO_REUSEPORT).
+"""``verdigris proxy``: a supervisor process and N worker processes accepting from one listening socket.
+
+The supervisor binds the port once, before any worker starts (a bind error exits with status 1 and a
+clear message), and hands that socket to every worker it spawns (multiprocessing passes the descriptor
+to the spawned child). Every worker accepts from the socket's one kernel queue, so a connection waiting
+there goes to whichever worker is free: a stuck worker takes none (it does not accept), a killed worker
+loses none (its copy of the descriptor closes; the queue stays), and its replacement accepts from the
+same socket. Only connections a worker had already accepted die with it. (Per-worker ``SO_REUSEPORT``
+sockets, which this replaced, hash each new connection to one worker's own queue, where it waited for
+a stuck worker and was reset when it was killed.)
+
+Workers are forked from multiprocessing's fork server, which has already imported the worker's modules
+(``[proxy] worker_start = "forkserver"``, the default): a replacement serves again in a fraction of the
+time a fresh interpreter takes (measured in docs/proxy.md), at the price of two idle helper processes (the
+fork server and multiprocessing's resource tracker), and the workers are the fork server's children rather
+than the supervisor's (:func:`worker_pids`). ``worker_start = "spawn"`` starts a fresh interpreter each.
 
 Each worker runs uvloop, its own routing table fed by the local agent, its own upstream pools and load
 counts. The supervisor restarts a worker that dies — at once the first time, then after a delay growing
 from 0.1 s to 10 s while the slot keeps failing (:class:`~verdigris.proxy.watchdog.Backoff`); a worker
 that exits with status 1 (it cannot listen) stops the proxy with status 1. On SIGTERM / SIGINT it passes
 SIGTERM on: every worker stops accepting, drains its in-flight requests for at most ``timeouts.drain``
-seconds and exits; stragglers are killed after that.
+seconds and exits; stragglers are killed after that, and a worker whose probes are unanswered (stuck:
+its loop cannot drain) is killed at once.
 
 The supervisor is an asyncio program. It keeps a control channel to every worker
 (:mod:`verdigris.proxy.control`, one socketpair each): it probes each worker every ``probe_interval``
 and asks for counters when ``/metrics`` is scraped (:mod:`verdigris.proxy.metrics`, served at
-``metrics_listen`` when set). A probe not answered within ``probe_deadline`` of its send means the
-worker's loop is stuck (:meth:`Supervisor.on_probe_timeout`): with ``watchdog`` on (the default) the
+``metrics_listen`` when set). No answer within ``probe_deadline`` of the worker's last answer (its last
+sign of life; of the probe's send for a worker that never answered) means the worker's loop is stuck (:meth:`Supervisor.on_probe_timeout`): with ``watchdog`` on (the default) the
 supervisor asks for its stacks (:mod:`verdigris.proxy.watchdog`), kills it (SIGKILL) and starts a fresh
 one, logging one ``watchdog_restart`` event. A worker whose supervisor goes away (its channel closes)
 drains and exits.
@@ -30,6 +46,7 @@ import socket
 import sys
 import time
 from collections.abc import Coroutine
+from multiprocessing.context import ForkServerContext, SpawnContext
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
@@ -54,8 +71,43 @@ from verdigris.proxy.watchdog import (
 
 log = logging.getLogger("verdigris.proxy")
 
+PROBE_DEADLINE_FLOOR = 0.05
+"""The least time a probe is given, whatever is left of ``probe_deadline`` since the last answer."""
 STARTUP_DEADLINE = 30.0
 """How long a new worker may take to answer its first probe (interpreter start, imports)."""
+FORKSERVER_PRELOAD = ("verdigris.proxy.server", "verdigris.proxy.watchdog", "uvloop")
+"""With ``worker_start = "forkserver"``: what the fork server imports once, so a worker (or a replacement
+of a stuck one) starts without an interpreter start and these imports."""
+
+
+def worker_pids(supervisor_pid: int) -> list[int]:
+    """The pids of a running supervisor's workers, from ``/proc`` (Linux): its children started with
+    ``spawn`` (``spawn_main`` in their command line), or with ``forkserver`` the children of its fork
+    server. For tools and tests that signal workers; empty when ``/proc`` cannot be read."""
+
+    def children(pid: int) -> list[int]:
+        found: list[int] = []
+        try:
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                found.extend(int(c) for c in (task / "children").read_text().split())
+        except OSError:
+            pass
+        return found
+
+    def cmdline(pid: int) -> bytes:
+        try:
+            return Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return b""
+
+    pids: list[int] = []
+    for child in children(supervisor_pid):
+        line = cmdline(child)
+        if b"spawn_main" in line:
+            pids.append(child)
+        elif b"multiprocessing.forkserver" in line:
+            pids.extend(children(child))
+    return sorted(pids)
 
 
 def worker_main(
@@ -66,11 +118,13 @@ def worker_main(
     shared_load: SharedLoadHandle | None = None,
     stack_dir: str | None = None,
     fault_exit: bool = False,
+    listen_socket: socket.socket | None = None,
 ) -> None:
     """The entry point of a worker process. ``control``: its end of the supervisor's channel;
     ``shared_load``: the load counts shared by the workers; ``stack_dir``: where its stack file goes
     (:func:`~verdigris.proxy.watchdog.install_stack_dumps`); ``fault_exit``: fault injection, exit at once
-    (a crash loop)."""
+    (a crash loop); ``listen_socket``: the supervisor's listening socket (without it the worker binds
+    ``listen`` itself)."""
     if fault_exit:
         sys.exit(FAULT_EXIT)
     logging.basicConfig(level=logging.WARNING, format=f"proxy[{index}] %(levelname)s %(name)s: %(message)s")
@@ -95,7 +149,14 @@ def worker_main(
         if dumps is not None:
             dumps.loop = loop
         loop.add_signal_handler(signal.SIGTERM, stop.set)
-        return await serve(config, stop=stop, control=control, worker_index=index, shared_load=shared_load)
+        return await serve(
+            config,
+            stop=stop,
+            control=control,
+            worker_index=index,
+            shared_load=shared_load,
+            listen_socket=listen_socket,
+        )
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         code = runner.run(main())
@@ -146,7 +207,12 @@ class Supervisor:
         from verdigris.proxy.metrics import Totals
 
         self.config = config
-        self.ctx = multiprocessing.get_context("spawn")
+        self.ctx: SpawnContext | ForkServerContext
+        if config.worker_start == "forkserver":  # forked from a server that has imported these already
+            self.ctx = multiprocessing.get_context("forkserver")
+            self.ctx.set_forkserver_preload(list(FORKSERVER_PRELOAD))
+        else:
+            self.ctx = multiprocessing.get_context("spawn")
         self.slots = [WorkerSlot(i) for i in range(config.workers)]
         self.retired = Totals()
         """Counters of workers that died (their last snapshot): totals stay monotonic across restarts."""
@@ -160,6 +226,9 @@ class Supervisor:
         self.watchdog = WatchdogStats()
         self.stack_dir: str | None = config.stack_directory()
         """Where workers' stack files go; ``None`` when it cannot be created (no dumps)."""
+        self.listen_socket: socket.socket | None = None
+        """The one listening socket every worker accepts from (bound in :meth:`run`, open until the end
+        so that its queue outlives any worker)."""
 
     def _background(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -183,6 +252,7 @@ class Supervisor:
                 "shared_load": self.shared_load.handle if self.shared_load else None,
                 "stack_dir": self.stack_dir,
                 "fault_exit": fault_exit,
+                "listen_socket": self.listen_socket,
             },
             name=f"verdigris-proxy-{slot.index}",
             daemon=False,
@@ -278,15 +348,21 @@ class Supervisor:
         started = time.monotonic()
         while client.closed is None:
             t0 = time.monotonic()
-            deadline = cfg.probe_deadline
-            if not slot.answered:  # a new worker: its first answer may take an interpreter start
-                deadline = max(deadline, started + STARTUP_DEADLINE - t0)
+            origin = t0
+            if slot.answered and slot.last_answer is not None:
+                # the deadline counts from the worker's last sign of life, not from this probe's send: a
+                # stall that begins just after an answer is caught probe_deadline after it began, not up
+                # to probe_interval later (the floor keeps one scheduling hiccup of ours from counting)
+                origin = min(slot.last_answer, t0)
+                deadline = max(cfg.probe_deadline - (t0 - origin), PROBE_DEADLINE_FLOOR)
+            else:  # a new worker: its first answer may take an interpreter start
+                deadline = max(cfg.probe_deadline, started + STARTUP_DEADLINE - t0)
             try:
                 r = await client.call("probe", {"sent": t0}, timeout=deadline)
             except ControlTimeout:
-                if self.on_probe_timeout(slot, sent=t0, deadline=deadline):
+                if self.on_probe_timeout(slot, sent=origin, deadline=deadline):
                     await self._replace_stuck(
-                        slot, "probe_timeout" if slot.answered else "startup_timeout", t0
+                        slot, "probe_timeout" if slot.answered else "startup_timeout", origin
                     )
                     return
             except ControlError as e:
@@ -320,7 +396,7 @@ class Supervisor:
     def on_probe_timeout(
         self, slot: WorkerSlot, *, sent: float | None = None, deadline: float | None = None
     ) -> bool:
-        """Worker ``slot`` did not answer a probe (sent at ``sent``) within ``deadline``: its event loop is
+        """Worker ``slot`` did not answer within ``deadline`` of ``sent`` (its last sign of life): its event loop is
         blocked or the process is stopped. Logged and counted; True when it is to be replaced (``watchdog``
         on, not stopping)."""
         slot.probe_timeouts += 1
@@ -438,6 +514,20 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.stop.set)
         loop.add_signal_handler(signal.SIGINT, self.stop.set)
+        from verdigris.proxy.server import bind_listener
+
+        try:
+            self.listen_socket = bind_listener(self.config.listen)
+        except OSError as e:
+            log.error("cannot listen on %s: %s", _addr(self.config.listen), e.strerror or e)
+            return 1
+        try:
+            return await self._run()
+        finally:
+            self.listen_socket.close()
+
+    async def _run(self) -> int:
+        assert self.listen_socket is not None
         runner = None
         if self.config.metrics_listen is not None:
             from aiohttp import web
@@ -470,7 +560,7 @@ class Supervisor:
         registration.start()
         log.info(
             "listening on %s with %d workers (agent %s)%s",
-            self.config.listen,
+            _addr(self.listen_socket.getsockname()),
             self.config.workers,
             self.config.agent,
             f"; metrics at http://{_addr(runner.addresses[0])}/metrics" if runner is not None else "",
@@ -486,12 +576,18 @@ class Supervisor:
         return self.status
 
     async def _shutdown(self) -> None:
+        if self.listen_socket is not None:
+            self.listen_socket.close()  # no more spawns; once the workers close theirs, connects are refused
         for slot in self.slots:
             if slot.prober is not None:
                 slot.prober.cancel()
             p = slot.proc
             if p is not None and p.exitcode is None:
-                p.terminate()  # SIGTERM: drain and exit
+                if slot.stuck_since is not None:  # its loop is blocked (probes unanswered): it cannot drain
+                    log.warning("worker %d (pid %d) is stuck; killing it", slot.index, slot.pid)
+                    p.kill()
+                else:
+                    p.terminate()  # SIGTERM: drain and exit
         alive = [s for s in self.slots if s.proc is not None and not s.exited.is_set()]
         if alive:
             waits = [asyncio.ensure_future(s.exited.wait()) for s in alive]

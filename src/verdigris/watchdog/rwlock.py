@@ -25,11 +25,20 @@ Other rules, chosen and documented:
   (owner, mode, since when, stack) for a watchdog to report.
 * **Cheap stacks.** Acquiring records ``(file, line, function)`` of up to ``stack_depth`` frames (a frame
   walk, about a microsecond or two); source lines are looked up only when an error or warning is
-  formatted.
+  formatted. The thread lock's read side, taken on hot paths (the proxy's routing), is cheaper still: it
+  keeps a reference to the acquiring frame and its line, and walks the frames only when a stack is
+  needed (an error, a warning, :meth:`RWLock.holders`) — while the hold lasts, the frames above the
+  acquiring one are suspended in their calls, so the walk then gives the stack as it was (except for a
+  generator holding the read side across a ``yield``: its callers are then those of the moment).
 
 No list grows without bound: holders are one record per owner, and the only waiters are the threads or
 tasks actually waiting. The thread lock is not for asyncio tasks (every task on a loop shares one
 thread, so two tasks would be one owner); use :class:`AsyncRWLock` there.
+
+:class:`PlainRWLock` is the naive readers-writer lock these locks replace (a reader count, no owners, no
+timeout). It exists only to reproduce the fleet-wide lock-up on purpose (the proxy's ``[proxy]
+table_lock = "plain"``, fault injection only): with it, a read→write upgrade waits forever.
+:class:`SyncRWLock` is what both thread locks offer, for code that takes either.
 """
 
 from __future__ import annotations
@@ -45,7 +54,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from types import FrameType
-from typing import Literal
+from typing import Literal, Protocol
 
 log = logging.getLogger("verdigris.watchdog.rwlock")
 
@@ -116,15 +125,51 @@ class Holder:
         return (time.monotonic() if now is None else now) - self.since
 
 
-class _Hold:
-    __slots__ = ("count", "label", "nested_reads", "since", "stack")
+def _stack_from(frame: FrameType, line: int, depth: int) -> tuple[FrameSummary, ...]:
+    """The stack from ``frame`` (at ``line``) outwards, as :func:`capture_stack` would have recorded it
+    in ``frame``; its callers are read at their current lines (still in their calls while a hold lasts)."""
+    out: list[FrameSummary] = []
+    f: FrameType | None = frame
+    while f is not None and len(out) < depth:
+        code = f.f_code
+        if code.co_filename not in _SKIP_FILES:
+            out.append((code.co_filename, line if f is frame else f.f_lineno, code.co_name))
+        f = f.f_back
+    out.reverse()
+    return tuple(out)
 
-    def __init__(self, label: str, stack: tuple[FrameSummary, ...]) -> None:
-        self.label = label
-        self.stack = stack
+
+class _Hold:
+    __slots__ = ("_depth", "_frame", "_line", "_owner", "_stack", "count", "nested_reads", "since")
+
+    def __init__(
+        self,
+        owner: str | threading.Thread,
+        stack: tuple[FrameSummary, ...] | None,
+        frame: FrameType | None = None,
+        depth: int = DEFAULT_STACK_DEPTH,
+    ) -> None:
+        self._owner = owner
+        self._stack = stack
+        # lazy stack (the thread lock's read side): the acquiring frame and its line, walked when needed
+        self._frame = frame
+        self._line = frame.f_lineno if frame is not None else 0
+        self._depth = depth
         self.since = time.monotonic()
         self.count = 1
         self.nested_reads = 0
+
+    @property
+    def label(self) -> str:
+        o = self._owner
+        return o if isinstance(o, str) else f"thread {o.name} ({o.ident})"
+
+    @property
+    def stack(self) -> tuple[FrameSummary, ...]:
+        if self._stack is None:
+            self._stack = _stack_from(self._frame, self._line, self._depth) if self._frame else ()
+            self._frame = None
+        return self._stack
 
 
 class _Book:
@@ -180,6 +225,9 @@ class _Book:
 
     def add_read(self, key: object, label: str, stack: tuple[FrameSummary, ...]) -> None:
         self.readers[key] = _Hold(label, stack)
+
+    def add_read_lazy(self, key: object, thread: threading.Thread, frame: FrameType, depth: int) -> None:
+        self.readers[key] = _Hold(thread, None, frame, depth)
 
     def add_write(self, key: object, label: str, stack: tuple[FrameSummary, ...]) -> None:
         self.writer = _Hold(label, stack)
@@ -293,6 +341,7 @@ class RWLock(_LockBase):
         super().__init__(name, timeout, hold_limit, stack_depth)
         self._mutex = threading.Lock()
         self._cond = threading.Condition(self._mutex)
+        self._read_guard = _ReadGuard(self, None)
 
     def __repr__(self) -> str:
         with self._mutex:
@@ -308,24 +357,40 @@ class RWLock(_LockBase):
         t = threading.current_thread()
         return threading.get_ident(), f"thread {t.name} ({t.ident})"
 
-    @contextlib.contextmanager
-    def read(self, timeout: float | None = None) -> Iterator[None]:
-        """Hold the read side for the ``with`` block."""
-        key, label = self._owner()
-        limit = self._deadline(timeout)
-        stack = capture_stack(self.stack_depth)
+    def read(self, timeout: float | None = None) -> contextlib.AbstractContextManager[None]:
+        """Hold the read side for the ``with`` block (the hot path: a small guard object, no generator,
+        the stack recorded lazily; see the module docstring)."""
+        if timeout is None:
+            return self._read_guard  # stateless: one per lock, no allocation per use
+        if timeout < 0:
+            raise ValueError("timeout must be >= 0 or None")
+        return _ReadGuard(self, timeout)
+
+    def _enter_read(self, timeout: float | None, frame: FrameType) -> None:
+        key = threading.get_ident()
         b = self._book
-        with self._cond:
-            if not b.nested_read(key):
-                if not self._cond.wait_for(b.can_read, limit):
-                    raise b.timeout_error("read", label, limit or 0.0)
-                b.add_read(key, label, stack)
-        try:
-            yield
-        finally:
-            with self._cond:
-                if b.release_read(key):
+        with self._mutex:  # the condition's own lock (``with self._cond`` is one Python call more)
+            if b.writer is None and b.waiting_writers == 0 and key not in b.readers:  # the usual case
+                b.add_read_lazy(key, threading.current_thread(), frame, self.stack_depth)
+                return
+            if b.nested_read(key):
+                return
+            limit = self._deadline(timeout)
+            if not self._cond.wait_for(b.can_read, limit):
+                raise b.timeout_error("read", self._owner()[1], limit or 0.0)
+            b.add_read_lazy(key, threading.current_thread(), frame, self.stack_depth)
+
+    def _exit_read(self) -> None:
+        key = threading.get_ident()
+        b = self._book
+        with self._mutex:
+            held = b.readers.get(key)
+            if held is not None and held.count == 1 and b.writer is None and b.hold_limit is None:
+                del b.readers[key]  # the usual case, inline: the last hold of a plain read
+                if not b.readers and b.waiting_writers:
                     self._cond.notify_all()
+            elif b.release_read(key):
+                self._cond.notify_all()
 
     @contextlib.contextmanager
     def write(self, timeout: float | None = None) -> Iterator[None]:
@@ -354,6 +419,22 @@ class RWLock(_LockBase):
             with self._cond:
                 b.release_write(key)
                 self._cond.notify_all()
+
+
+class _ReadGuard:
+    """``with lock.read():`` of :class:`RWLock`."""
+
+    __slots__ = ("_lock", "_timeout")
+
+    def __init__(self, lock: RWLock, timeout: float | None) -> None:
+        self._lock = lock
+        self._timeout = timeout
+
+    def __enter__(self) -> None:
+        self._lock._enter_read(self._timeout, sys._getframe(1))
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock._exit_read()
 
 
 class AsyncRWLock(_LockBase):
@@ -456,3 +537,62 @@ class AsyncRWLock(_LockBase):
         finally:
             b.release_write(key)
             self._wake()
+
+
+class SyncRWLock(Protocol):
+    """What :class:`RWLock` and :class:`PlainRWLock` both offer: ``with lock.read():`` /
+    ``with lock.write():``."""
+
+    def read(self) -> contextlib.AbstractContextManager[None]: ...
+
+    def write(self) -> contextlib.AbstractContextManager[None]: ...
+
+
+class PlainRWLock:
+    """A naive readers-writer lock, kept ONLY to reproduce the incident (fault injection): a count of
+    readers and a writer flag under one condition variable, with no owner tracking and no timeout.
+
+    A writer waits until there is no reader and no writer; nothing notices that the reader it waits for
+    is itself, so a read→write upgrade (or a re-entrant write) blocks the calling thread forever, exactly
+    as the lock behind the original outage did. Never use it for anything else: :class:`RWLock` is the
+    project's lock.
+    """
+
+    def __init__(self, name: str = "plain-rwlock") -> None:
+        self.name = name
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writer = False
+
+    def __repr__(self) -> str:
+        state = "write" if self._writer else f"{self._readers} reader(s)"
+        return f"PlainRWLock({self.name!r}, {state})"
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[None]:
+        """Hold the read side for the ``with`` block (waits, unbounded, while a writer holds the lock)."""
+        with self._cond:
+            while self._writer:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if self._readers == 0:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[None]:
+        """Hold the write side for the ``with`` block: waits, with no bound, for ``readers == 0``."""
+        with self._cond:
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
