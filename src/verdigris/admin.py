@@ -22,6 +22,12 @@ A clustered agent (one with ``[gossip]``) adds:
 * ``fault block <host:port>...`` | ``fault heal`` | ``fault status`` → drop all traffic to and from peers
   (only with ``gossip.fault-injection = true``; for partition tests).
 
+Any agent:
+
+* ``fault stall-loop <seconds>`` | ``fault stall-apply <seconds>`` → block the event loop (the reply comes
+  after the stall) or the writer thread (the reply comes at once) for the agent watchdog's tests (only with
+  ``watchdog.fault-injection = true``; docs/watchdog.md "Agent watchdog").
+
 ``members``, ``rejoin``, ``status`` and ``fault`` act on one cluster: in region mode (``[gossip.global]``)
 the region's by default, the global one with a scope: ``members global``, ``fault global block ...``, or
 ``"scope": "global"`` in JSON (``regional`` names the default). Without region mode both names mean the
@@ -98,8 +104,14 @@ def parse_command(line: bytes) -> dict[str, Any]:
             return {"cmd": "fault", **scope, "action": "block", "addrs": args[1:]}
         if args in (["heal"], ["status"]):
             return {"cmd": "fault", **scope, "action": args[0]}
+        if args[:1] in (["stall-loop"], ["stall-apply"]) and len(args) == 2 and not scope:
+            try:
+                return {"cmd": "fault", "action": args[0], "seconds": float(args[1])}
+            except ValueError:
+                raise ValueError(f"fault {args[0]}: {args[1]!r} is not a number of seconds") from None
         raise ValueError(
             "usage: fault [regional|global] block <host:port>... | fault [regional|global] heal|status"
+            " | fault stall-loop|stall-apply <seconds>"
         )
     if args:
         if cmd in _SCOPED:

@@ -7,8 +7,12 @@
 * the :class:`~verdigris.store.subscriptions.SubscriptionManager`, its state in ``<db path>.subscriptions/``;
 * the HTTP API on ``[api] addr`` and, when configured, Prometheus metrics on
   ``[telemetry.prometheus] addr``;
-* the admin socket on ``[admin] path`` (:mod:`verdigris.admin`): ``ping``, ``reload``, ``backup``, and
-  for a clustered agent ``members``, ``rejoin``, ``status``, ``keys`` and ``fault``;
+* the admin socket on ``[admin] path`` (:mod:`verdigris.admin`): ``ping``, ``reload``, ``backup``,
+  ``fault stall-loop|stall-apply`` (watchdog fault injection), and for a clustered agent ``members``,
+  ``rejoin``, ``status``, ``keys`` and the gossip ``fault`` actions;
+* unless ``[watchdog] enabled = false``, the in-process watchdog (:mod:`verdigris.watchdog.agent`), started
+  last and stopped first: it probes the event loop and the writer thread and, run by :func:`serve`,
+  re-executes the agent when one is stuck (an embedded agent's watchdog only reports);
 * when the file has a ``[gossip]`` section, the :class:`~verdigris.runtime.GossipRuntime` that makes the
   agent a member of a cluster (membership, broadcast and sync on ``[gossip] addr``); in region mode
   (``[gossip.global]`` too, docs/regions.md) two of them: :attr:`Agent.gossip` is the region's cluster
@@ -48,6 +52,7 @@ from verdigris.api.metrics import ApiMetrics, metrics_app
 from verdigris.api.server import ApiServer, ApiSettings
 from verdigris.api.threads import StoreThreads
 from verdigris.config import Addr, Config, LogConfig
+from verdigris.dashboard.web import mount_dashboard
 from verdigris.presence import PresencePublisher
 from verdigris.runtime import (
     FaultInjectionDisabled,
@@ -61,6 +66,15 @@ from verdigris.store.schema import SCOPES
 from verdigris.store.store import Store
 from verdigris.store.subscriptions import SubscriptionManager
 from verdigris.store.types import StoreError
+from verdigris.watchdog.agent import (
+    AgentWatchdog,
+    CarriedState,
+    FaultInjectionOff,
+    WatchdogCollector,
+    fault_seconds,
+    stall_apply_path,
+    stall_event_loop,
+)
 
 log = logging.getLogger("verdigris.agent")
 
@@ -78,9 +92,19 @@ class Agent:
     """One agent. ``await start()``, then ``await stop()``; or use :func:`run_agent`."""
 
     def __init__(
-        self, config: Config, *, api_settings: ApiSettings | None = None, reader_threads: int = 4
+        self,
+        config: Config,
+        *,
+        api_settings: ApiSettings | None = None,
+        reader_threads: int = 4,
+        watchdog_may_exec: bool = False,
     ) -> None:
         self.config = config
+        self._watchdog_may_exec = watchdog_may_exec
+        """This process is the agent (:func:`serve`): its watchdog may re-exec it. An agent embedded in
+        another process (tests, the simulator) never re-execs its host; its watchdog only reports."""
+        self.watchdog: AgentWatchdog | None = None
+        """The in-process watchdog (``[watchdog]``, :mod:`verdigris.watchdog.agent`) once started."""
         self.api_settings = api_settings or ApiSettings(
             bearer_token=config.api.authz.bearer_token, max_body_bytes=config.api.max_body_bytes
         )
@@ -135,6 +159,7 @@ class Agent:
             "ping": self._ping,
             "reload": self._reload,
             "backup": self._backup,
+            "fault": self._fault,  # watchdog stalls; with [gossip] also partitions
         }
         if config.gossip.enabled:
             handlers.update(
@@ -167,6 +192,7 @@ class Agent:
             members=lambda: self.gossip.member_count() if self.gossip is not None else 0,
             queue_size=lambda: sum(rt.queue_size() for rt in self._runtimes()),
         )
+        mount_dashboard(self.api, self)  # GET /dashboard and /v1/dashboard (docs/dashboard.md)
         self._api_runner, self.api_addr = await self._listen(self.api.app, config.api.addr, "api.addr")
         if config.gossip.enabled:
             await self._start_gossip()
@@ -179,6 +205,8 @@ class Agent:
         except AdminError as e:
             raise AgentError(str(e)) from None
         self._admin = admin
+        if config.watchdog.enabled:
+            self._start_watchdog(loop)
         log.info(
             "agent started: api %s, admin socket %s, database %s (site %s)",
             self.api_url,
@@ -186,6 +214,28 @@ class Agent:
             config.db.path,
             self.store.site_id.hex(),
         )
+
+    def _start_watchdog(self, loop: asyncio.AbstractEventLoop) -> None:
+        store, subs, writer = self.store, self.subs, self._writer
+        assert store is not None and subs is not None and writer is not None
+
+        def apply_work() -> int:
+            # an empty transaction takes the store's lock and SQLite's write lock, as every write does
+            store.transact(())
+            return store.db_version
+
+        watchdog = AgentWatchdog(
+            self.config.watchdog,
+            loop=loop,
+            writer=writer,
+            loop_work=lambda: len(subs.list()),  # the subscription manager's lock, as the API takes it
+            apply_work=apply_work,
+            may_exec=self._watchdog_may_exec,
+            carried=CarriedState.take_from_environment() if self._watchdog_may_exec else None,
+        )
+        WatchdogCollector(watchdog).register(self.metrics.registry)
+        watchdog.start()
+        self.watchdog = watchdog
 
     async def _start_gossip(self) -> None:
         assert self.store is not None and self.threads is not None and self.api_addr is not None
@@ -280,6 +330,9 @@ class Agent:
     async def stop(self) -> None:
         """Stop accepting, end open streams, close the subscriptions and the store. Idempotent."""
         loop = asyncio.get_running_loop()
+        if self.watchdog is not None:  # first: a slow shutdown must not look like a stall
+            watchdog, self.watchdog = self.watchdog, None
+            await asyncio.to_thread(watchdog.stop)
         if self.presence is not None:  # before the runtimes and the store it reads
             presence, self.presence = self.presence, None
             try:
@@ -340,6 +393,7 @@ class Agent:
             "region": self.config.gossip.region if self.config.gossip.enabled else None,
             "actors": {scope: store.actor_for(scope).hex() for scope in SCOPES} if store else None,
             "presence": self.presence.info() if self.presence is not None else None,
+            "watchdog": self.watchdog.info() if self.watchdog is not None else {"enabled": False},
         }
 
     def _runtimes(self) -> list[GossipRuntime]:
@@ -369,6 +423,7 @@ class Agent:
         status = await self._runtime(command).status()
         if self.presence is not None:
             status["presence"] = self.presence.info()
+        status["watchdog"] = self.watchdog.info() if self.watchdog is not None else {"enabled": False}
         return status
 
     async def _keys(self, command: dict[str, Any]) -> dict[str, Any]:
@@ -379,8 +434,10 @@ class Agent:
         return await self._runtime().keys(action, key)
 
     async def _fault(self, command: dict[str, Any]) -> dict[str, Any]:
-        runtime = self._runtime(command)
         action = command.get("action")
+        if action in ("stall-loop", "stall-apply"):
+            return await self._fault_stall(command)
+        runtime = self._runtime(command)
         if action == "heal":
             runtime.fault_heal()
             return {"blocked": []}
@@ -396,7 +453,27 @@ class Agent:
         if action == "status":
             fault: dict[str, Any] = (await runtime.status())["fault"]
             return fault
-        raise ValueError("usage: fault block <host:port>... | fault heal | fault status")
+        raise ValueError(
+            "usage: fault block <host:port>... | fault heal | fault status | fault stall-loop <seconds> | "
+            "fault stall-apply <seconds>"
+        )
+
+    async def _fault_stall(self, command: dict[str, Any]) -> dict[str, Any]:
+        """Watchdog fault injection: block the event loop, or the writer thread, for ``seconds``."""
+        if not self.config.watchdog.fault_injection:
+            raise FaultInjectionOff(
+                "fault injection is off: set [watchdog] fault-injection = true (for tests only)"
+            )
+        seconds = fault_seconds(command)
+        if command["action"] == "stall-loop":
+            log.warning("fault injection: blocking the event loop for %gs", seconds)
+            stall_event_loop(seconds)  # on the loop, on purpose: the reply comes after the stall
+            return {"stalled": "loop", "seconds": seconds}
+        if self._writer is None:
+            raise RuntimeError("the agent is not running")
+        log.warning("fault injection: blocking the writer thread for %gs", seconds)
+        self._writer.submit(stall_apply_path, seconds)  # not awaited: the reply comes at once
+        return {"stalled": "apply", "seconds": seconds}
 
     async def _reload(self, command: dict[str, Any]) -> dict[str, Any]:
         """Re-read the schema files of ``db.schema_paths`` and apply additive changes live."""
@@ -495,7 +572,7 @@ def configure_logging(config: LogConfig, stream: TextIO | None = None) -> None:
 
 async def serve(config: Config) -> int:
     """Run an agent until SIGINT or SIGTERM. Returns the process exit status."""
-    agent = Agent(config)
+    agent = Agent(config, watchdog_may_exec=True)
     try:
         await agent.start()
     except AgentError as e:

@@ -38,7 +38,7 @@ Public API:
 * :func:`load_config` reads and validates a file; :func:`parse_config` validates TOML text.
 * :class:`Config` and its section classes :class:`DbConfig`, :class:`ApiConfig`,
   :class:`AuthzConfig`, :class:`GossipConfig`, :class:`GlobalGossipConfig`, :class:`AdminConfig`, :class:`TelemetryConfig`,
-  :class:`PrometheusConfig`, :class:`LogConfig`, :class:`PerfConfig`.
+  :class:`PrometheusConfig`, :class:`LogConfig`, :class:`PerfConfig`, :class:`WatchdogConfig`.
 * :class:`Addr` (a ``(host, port)`` named tuple) and :func:`parse_addr`.
 * :class:`ConfigError`.
 """
@@ -89,6 +89,7 @@ __all__ = [
     "PresenceConfig",
     "PrometheusConfig",
     "TelemetryConfig",
+    "WatchdogConfig",
     "load_config",
     "parse_addr",
     "parse_config",
@@ -471,12 +472,40 @@ class PresenceConfig:
 
 
 @dataclass(frozen=True)
+class WatchdogConfig:
+    """``[watchdog]``: the agent's in-process watchdog (:mod:`verdigris.watchdog.agent`,
+    docs/watchdog.md "Agent watchdog").
+
+    Attributes:
+        enabled: run the watchdog (``watchdog.enabled``).
+        probe_interval: seconds between probes of the event loop and of the apply path
+            (``watchdog.probe-interval``).
+        loop_deadline: seconds within which a probe must run on the event loop (``watchdog.loop-deadline``).
+        apply_deadline: seconds within which a probe must run on the writer thread
+            (``watchdog.apply-deadline``); long, because a legitimate large merge batch holds it for seconds.
+        restart: re-exec the agent on a missed deadline; ``False`` only reports (``watchdog.restart``).
+        stack_dir: where stack files are kept (``watchdog.stack-dir``), absolute; ``None`` means a
+            directory in the system's temporary directory.
+        fault_injection: accept the admin socket's ``fault stall-loop`` / ``fault stall-apply``
+            (``watchdog.fault-injection``), for tests only.
+    """
+
+    enabled: bool = True
+    probe_interval: float = 0.25
+    loop_deadline: float = 1.0
+    apply_deadline: float = 10.0
+    restart: bool = True
+    stack_dir: Path | None = None
+    fault_injection: bool = False
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole, validated agent configuration. Build it with :func:`load_config` or
     :func:`parse_config`; in tests, :meth:`Config.for_db` is a quick way to get the defaults.
 
     Attributes:
-        db, admin, api, gossip, telemetry, log, perf, presence: the sections, named as in the file.
+        db, admin, api, gossip, telemetry, log, perf, presence, watchdog: the sections, named as in the file.
         source: where the configuration came from (the file path as given), for messages.
     """
 
@@ -489,6 +518,7 @@ class Config:
     perf: PerfConfig = field(default_factory=PerfConfig)
     source: str = "<memory>"
     presence: PresenceConfig = field(default_factory=PresenceConfig)
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
 
     @classmethod
     def for_db(
@@ -702,6 +732,22 @@ def _build(document: Mapping[str, object], source: str, base_dir: Path) -> Confi
     )
     presence.finish()
 
+    watchdog = root.table("watchdog")
+    watchdog_enabled = watchdog.boolean("enabled", True)
+    probe_interval = watchdog.seconds("probe-interval", 0.25, maximum=60.0)
+    loop_deadline = watchdog.seconds("loop-deadline", 1.0, maximum=3600.0)
+    apply_deadline = watchdog.seconds("apply-deadline", 10.0, maximum=3600.0)
+    watchdog_restart = watchdog.boolean("restart", True)
+    stack_dir = watchdog.path("stack-dir", base_dir)
+    watchdog_faults = watchdog.boolean("fault-injection", False)
+    watchdog.finish()
+    if probe_interval > min(loop_deadline, apply_deadline):
+        report.invalid(
+            "watchdog.probe-interval",
+            f"{probe_interval:g} s is longer than a deadline (loop-deadline {loop_deadline:g} s, "
+            f"apply-deadline {apply_deadline:g} s): a stall could go unnoticed between two probes",
+        )
+
     root.finish()
 
     if prometheus_addr is not None and prometheus_addr == api_addr and api_addr.port != 0:
@@ -736,6 +782,15 @@ def _build(document: Mapping[str, object], source: str, base_dir: Path) -> Confi
             debounce_ms=presence_debounce,
             interval_ms=presence_interval,
             takeover_delay_ms=presence_takeover,
+        ),
+        watchdog=WatchdogConfig(
+            enabled=watchdog_enabled,
+            probe_interval=probe_interval,
+            loop_deadline=loop_deadline,
+            apply_deadline=apply_deadline,
+            restart=watchdog_restart,
+            stack_dir=stack_dir,
+            fault_injection=watchdog_faults,
         ),
     )
 
@@ -863,6 +918,21 @@ class _Table:
             self._report.invalid(self.key(key), f"{value} is out of range (must be {bounds})")
             return default
         return value
+
+    def seconds(self, key: str, default: float, *, maximum: float) -> float:
+        """A duration in seconds: an integer or a float, more than 0 and at most ``maximum``."""
+        value = self.take(key)
+        if isinstance(value, _Missing):
+            return default
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self._report.wrong_type(self.key(key), "a number of seconds", value)
+            return default
+        if not 0 < value <= maximum:  # also refuses nan
+            self._report.invalid(
+                self.key(key), f"{value:g} s is out of range (more than 0, at most {maximum:g})"
+            )
+            return default
+        return float(value)
 
     def choice(self, key: str, choices: Sequence[str], default: str, *, fold_case: bool = False) -> str:
         value = self.take(key)
