@@ -150,6 +150,7 @@ def test_request_counters_bound_their_labels() -> None:
     assert len({app for app, _, _ in c.requests}) == MAX_APPS + 1
     assert c.requests[(OTHER, "ams", "2xx")] == 50
     assert sum(c.latency) == MAX_APPS + 50 and c.latency[LATENCY_BUCKETS.index(0.005)] == MAX_APPS + 50
+    assert len(c.app_latency) == MAX_APPS + 1 and sum(c.app_latency[OTHER]) == 50  # the same bound
     c = RequestCounters()
     c.finished(Request(b"GET", b"/", "1.1", [], True, None, False))  # not routed, no answer sent
     assert c.requests == {("none", "none", "aborted"): 1}
@@ -262,6 +263,10 @@ def test_counts_summed_across_workers(proxy: tuple[Proxy, int]) -> None:
     assert delta("verdigris_proxy_request_duration_seconds_count") == 16
     assert delta("verdigris_proxy_request_duration_seconds_bucket", le="+Inf") == 16
     assert delta("verdigris_proxy_request_duration_seconds_sum") > 0
+    # per app too: the same requests, by app label
+    assert delta("verdigris_proxy_app_request_duration_seconds_count", app="web") == 11
+    assert delta("verdigris_proxy_app_request_duration_seconds_bucket", app="dead", le="+Inf") == 2
+    assert delta("verdigris_proxy_app_request_duration_seconds_count") == 16
     # both workers answer and report a loop lag and a probe
     for w in ("0", "1"):
         assert after[f'verdigris_proxy_worker_up{{worker="{w}"}}'] == 1
@@ -317,6 +322,9 @@ def test_stopped_worker_is_a_probe_timeout(proxy: tuple[Proxy, int]) -> None:
         assert after['verdigris_proxy_worker_up{worker="1"}'] == 0
         assert after['verdigris_proxy_worker_up{worker="0"}'] == 1
         assert after['verdigris_proxy_stats_timeouts_total{worker="1"}'] >= 1
+        # a stall in progress is a gauge too (verdigris doctor reads it): stuck for at least a deadline
+        assert after['verdigris_proxy_worker_stuck_seconds{worker="1"}'] >= 0.5
+        assert after['verdigris_proxy_worker_stuck_seconds{worker="0"}'] == 0
         # its last snapshot still counts: the totals are there
         assert total(after, "verdigris_proxy_requests_total") >= total(
             before, "verdigris_proxy_requests_total"
@@ -327,6 +335,47 @@ def test_stopped_worker_is_a_probe_timeout(proxy: tuple[Proxy, int]) -> None:
     assert p.proc.poll() is None
     log = Path(p.log.name).read_text()
     assert "probe_timeout worker=1" in log and "probe_recovered worker=1" in log
+    assert scrape(port)['verdigris_proxy_worker_stuck_seconds{worker="1"}'] == 0
+
+
+def test_upstream_errors_per_instance_and_ejection(env: Env, proxy: tuple[Proxy, int]) -> None:
+    """Errors are counted per app and instance; an instance ejected after connect failures shows its
+    ejection; an instance removed from the table loses its series (bounded cardinality)."""
+    p, port = proxy
+    refused = f"127.0.0.1:{env.dead_port}"  # nothing listens there
+    env.agent.exec(
+        ("INSERT INTO apps (name, org) VALUES ('gone', 'o')", []),
+        ("INSERT INTO hostnames (hostname, app) VALUES ('gone.test', 'gone')", []),
+        (
+            "INSERT INTO machines (id, app, region, state, address) VALUES ('g1', 'gone', 'ams', 'started', ?)",
+            [refused],
+        ),
+    )
+    errors = "verdigris_proxy_instance_upstream_errors_total"
+    ejected = "verdigris_proxy_instance_ejected_seconds"
+    deadline = time.monotonic() + WAIT
+    while True:  # new connections spread over both workers: go on until one has ejected g1
+        p.get("gone.test")
+        s = scrape(port)
+        if total(s, ejected, app="gone", instance="g1") > 0:
+            break
+        assert time.monotonic() < deadline, f"g1 never ejected: {s}"
+    assert total(s, errors, app="gone", instance="g1", kind="refused") >= 3
+    assert total(s, errors, app="gone", instance="g1") == total(
+        s, errors, app="gone", instance="g1", kind="refused"
+    )
+    assert 0 < total(s, ejected, app="gone", instance="g1") <= 30  # base_ejection
+    # the aggregate by kind is kept as it was
+    assert total(s, "verdigris_proxy_upstream_errors_total", kind="refused") >= 3
+    for w in ("0", "1"):
+        assert s[f'verdigris_proxy_worker_stuck_seconds{{worker="{w}"}}'] == 0
+        assert s[f'verdigris_proxy_worker_uptime_seconds{{worker="{w}"}}'] > 0
+    env.agent.exec(("DELETE FROM machines WHERE id = 'g1'", []))
+    poll(
+        port,
+        lambda s: not any('instance="g1"' in key for key in s),
+        "the series of g1 to go with it",
+    )
 
 
 def test_sigterm_stops_cleanly_with_metrics(env: Env, tmp_path: Path) -> None:

@@ -3,6 +3,10 @@
 Each agent has its own :class:`~prometheus_client.CollectorRegistry` rather than the process-global
 one, so that several agents in one process (tests, the simulator) never mix their numbers, and
 creating a second agent never fails with "duplicated timeseries".
+
+The gossip runtime's metrics join the same registry (:mod:`verdigris.runtime.metrics`); the endpoint
+lets them read the store's books on the writer thread before each scrape (bounded wait). Every family is
+listed in docs/metrics.md.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+
+from verdigris.runtime.metrics import refresh as refresh_gossip
 
 
 class ApiMetrics:
@@ -73,6 +79,13 @@ class ApiMetrics:
             ["endpoint"],
             registry=r,
         )
+        self.subscription_lag = Histogram(
+            "verdigris_subscription_lag_seconds",
+            "From a commit (local or merged) to its subscription events handed to the subscribers' "
+            "queues, measured from the earliest commit of the matcher's batch.",
+            registry=r,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
 
     def track_subscriptions(self, count: Callable[[], int]) -> None:
         """Report ``count()`` as the number of subscriptions at every scrape."""
@@ -86,6 +99,7 @@ def metrics_app(metrics: ApiMetrics) -> web.Application:
     """A tiny app serving ``GET /metrics`` (and ``/``) in Prometheus' text format."""
 
     async def handle(request: web.Request) -> web.Response:
+        await refresh_gossip(metrics.registry)  # the books are read on the writer thread (bounded)
         body = metrics.render()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

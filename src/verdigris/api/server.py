@@ -271,8 +271,12 @@ class ApiServer:
         self._streams: set[_EventFeed] = set()
         self._updates = _UpdatesHub(self)
         self._token = self.settings.bearer_token.encode() if self.settings.bearer_token else None
+        self.public_routes: set[tuple[str, str]] = set()
+        """(method, path) pairs served without the bearer token: added by the dashboard for its page (it
+        holds no data) and the CORS preflight of its JSON (browsers send preflights without credentials)."""
         if subs is not None:
             self.metrics.track_subscriptions(lambda: len(subs.list()))
+            subs.lag_observer = self.metrics.subscription_lag.observe
         self.metrics.db_version.set(store.db_version)
 
         app = web.Application(middlewares=[self._middleware], client_max_size=self.settings.max_body_bytes)
@@ -314,7 +318,11 @@ class ApiServer:
         endpoint = _endpoint(request)
         status = 500
         try:
-            if self._token is not None and not self._authorized(request):
+            if (
+                self._token is not None
+                and (request.method, request.path) not in self.public_routes
+                and not self._authorized(request)
+            ):
                 response: web.StreamResponse = _error_response(
                     401,
                     "missing or wrong bearer token (send Authorization: Bearer <token>)",

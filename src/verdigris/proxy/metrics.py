@@ -9,8 +9,10 @@ kept in :class:`Totals` (``retired``), so only what it counted since the scrape 
 Series, all prefixed ``verdigris_proxy_``:
 
 - ``requests_total{app,region,status}`` (status class ``2xx``..., ``aborted``: none sent), the
-  ``request_duration_seconds`` histogram, ``errors_total{code}`` (the proxy's own error answers),
+  ``request_duration_seconds`` histogram and ``app_request_duration_seconds{app}``, ``errors_total{code}`` (the proxy's own error answers),
   ``upstream_errors_total{kind}`` (refused, connect_timeout, timeout, bad_response, reset),
+  ``instance_upstream_errors_total{app,instance,kind}`` (instances in the routing table only),
+  ``instance_ejected_seconds{app,instance}`` (ejection left after upstream errors),
   ``replays_total{outcome}`` (routed, fallback, failed, refused), ``queued_total``,
   ``queue_wait_seconds_total``, ``queue_rejections_total{reason}`` (full, timeout),
   ``client_timeouts_total{kind}``, ``ejections_total``, ``events_total{event}`` (any other worker counter);
@@ -19,14 +21,18 @@ Series, all prefixed ``verdigris_proxy_``:
 - per worker (``worker`` label): ``worker_up``, ``worker_pid``, ``worker_restarts_total``,
   ``probe_timeouts_total``, ``probe_errors_total``, ``stats_timeouts_total``, ``event_loop_lag_seconds``,
   ``probe_rtt_seconds``, ``probe_route_seconds``, ``table_ready``, ``table_entries{kind}``,
-  ``table_problems``, ``worker_restart_backoff_seconds``; and ``table_events_total{kind}``,
-  ``outlier_events_total{kind}`` summed;
+  ``table_problems``, ``worker_restart_backoff_seconds``, ``worker_stuck_seconds``,
+  ``worker_uptime_seconds``; and ``table_events_total{kind}``,
+  ``outlier_events_total{kind}`` summed; ``table_apply_refused_total`` (changes the table lock refused
+  to apply instead of deadlocking: the incident switch with the project's lock, docs/watchdog.md);
 - the watchdog (:mod:`verdigris.proxy.watchdog`): ``watchdog_restarts_total{reason}`` (probe_timeout:
   stuck, replaced; startup_timeout: no first answer in 30 s, replaced; exited: died on its own),
   the ``watchdog_detection_seconds`` histogram (a stuck worker's unanswered probe, from its send to the
   decision) and ``watchdog_last_detection_seconds``, ``watchdog_stall_causes_total{cause}`` (the main
   thread's innermost frame, ``file.py:function``; at most 50, then ``other``),
   ``watchdog_stack_dumps_total{result}`` (complete, threads, tasks, none) and ``watchdog_stack_files``.
+
+``GET /events`` on the same server lists the last watchdog events as JSON (:mod:`verdigris.dashboard.events`).
 
 With ``[proxy] fault_injection = true`` (tests only) the same server also takes ``POST
 /fault/stall?worker=N&seconds=S`` and ``POST /fault/crashloop?worker=N&times=K``.
@@ -49,6 +55,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from verdigris.dashboard.events import add_events_route
 from verdigris.proxy.control import ControlError
 from verdigris.proxy.stats import LATENCY_BUCKETS, WorkerStats
 from verdigris.proxy.watchdog import DETECTION_BUCKETS
@@ -75,6 +82,10 @@ class Totals:
     upstream_errors: dict[str, int] = field(default_factory=dict)
     table_stats: dict[str, int] = field(default_factory=dict)
     outliers: dict[str, int] = field(default_factory=dict)
+    instance_errors: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    """(app, instance, kind) -> upstream errors."""
+    app_latency: dict[str, list[int]] = field(default_factory=dict)
+    app_latency_sum: dict[str, float] = field(default_factory=dict)
 
     def add(self, s: WorkerStats) -> None:
         _add(self.counters, s.counters)
@@ -87,6 +98,14 @@ class Totals:
         _add(self.upstream_errors, s.upstream_errors)
         _add(self.table_stats, s.table_stats)
         _add(self.outliers, s.outliers)
+        for app, instance, kind, n in s.instance_errors:
+            key = (app, instance, kind)
+            self.instance_errors[key] = self.instance_errors.get(key, 0) + n
+        for app, counts in s.app_latency.items():
+            into = self.app_latency.setdefault(app, [0] * len(self.latency))
+            for i, n in enumerate(counts[: len(into)]):
+                into[i] += n
+            self.app_latency_sum[app] = self.app_latency_sum.get(app, 0.0) + s.app_latency_sum.get(app, 0.0)
 
     def copy(self) -> Totals:
         return Totals(
@@ -97,6 +116,9 @@ class Totals:
             dict(self.upstream_errors),
             dict(self.table_stats),
             dict(self.outliers),
+            dict(self.instance_errors),
+            {app: list(counts) for app, counts in self.app_latency.items()},
+            dict(self.app_latency_sum),
         )
 
 
@@ -142,6 +164,18 @@ class ProxyCollector(Collector):
             sum_value=t.latency_sum,
         )
         yield h
+        h = HistogramMetricFamily(
+            P + "app_request_duration_seconds",
+            "Latency per app (as request_duration_seconds; app labels bounded as in requests_total).",
+            labels=["app"],
+        )
+        for app, counts in sorted(t.app_latency.items()):
+            cumulative, acc = [], 0
+            for bound, n in zip((*LATENCY_BUCKETS, float("inf")), counts, strict=True):
+                acc += n
+                cumulative.append((_le(bound), acc))
+            h.add_metric([app], cumulative, t.app_latency_sum.get(app, 0.0))
+        yield h
         m = CounterMetricFamily(
             P + "errors", "Error answers of the proxy itself, by error code.", labels=["code"]
         )
@@ -158,6 +192,8 @@ class ProxyCollector(Collector):
             if kind not in ("refused", "connect_timeout", "timeout", "bad_response", "reset"):
                 m.add_metric([kind], n)
         yield m
+        yield _instance_errors(sup.retired, [st for _, st in live])
+        yield _instance_ejected([st for _, st in live])
         m = CounterMetricFamily(P + "replays", "fly-replay handling, by outcome.", labels=["outcome"])
         for key, outcome in _REPLAYS.items():
             m.add_metric([outcome], c.get(key, 0))
@@ -197,6 +233,11 @@ class ProxyCollector(Collector):
         for k, n in sorted(t.table_stats.items()):
             m.add_metric([k], n)
         yield m
+        yield CounterMetricFamily(
+            P + "table_apply_refused",
+            "Subscription changes refused because applying them would deadlock on the table lock.",
+            value=t.table_stats.get("apply_refused", 0),
+        )
         m = CounterMetricFamily(P + "outlier_events", "Passive health events, by kind.", labels=["kind"])
         for k, n in sorted(t.outliers.items()):
             m.add_metric([k], n)
@@ -270,6 +311,12 @@ class ProxyCollector(Collector):
             "backoff": GaugeMetricFamily(
                 P + "worker_restart_backoff_seconds", "Delay before the slot's last restart (crash-loop backoff).", labels=["worker"]
             ),
+            "stuck": GaugeMetricFamily(
+                P + "worker_stuck_seconds", "How long the worker has not answered probes (0: it answers).", labels=["worker"]
+            ),
+            "uptime": GaugeMetricFamily(
+                P + "worker_uptime_seconds", "Time since the slot's current process was started.", labels=["worker"]
+            ),
         }  # fmt: skip
         for s in slots:
             lw = [str(s.index)]
@@ -288,8 +335,51 @@ class ProxyCollector(Collector):
             if s.stats_at is not None:
                 fams["age"].add_metric(lw, now - s.stats_at)
             fams["backoff"].add_metric(lw, s.backoff.delay)
+            # a stall in progress and a recent restart, for `verdigris doctor` (rates alone miss both)
+            fams["stuck"].add_metric(lw, now - s.stuck_since if s.stuck_since is not None else 0.0)
+            if s.started_at:
+                fams["uptime"].add_metric(lw, now - s.started_at)
         yield from fams.values()
         yield from _watchdog(sup)
+
+
+def _instance_errors(retired: Totals, live: list[WorkerStats]) -> Metric:
+    """Upstream errors per (app, instance, kind). Live workers report only instances still in their
+    routing table; what dead workers counted is kept only for instances a live worker still reports, so
+    the series of an instance removed from the table disappear (bounded cardinality)."""
+    counts: dict[tuple[str, str, str], int] = {}
+    for st in live:
+        for app, instance, kind, n in st.instance_errors:
+            counts[(app, instance, kind)] = counts.get((app, instance, kind), 0) + n
+    reported = {(app, instance) for app, instance, _ in counts}
+    for key in [k for k in retired.instance_errors if (k[0], k[1]) not in reported]:
+        del retired.instance_errors[key]
+    for key, n in retired.instance_errors.items():
+        counts[key] = counts.get(key, 0) + n
+    m = CounterMetricFamily(
+        P + "instance_upstream_errors",
+        "Failed exchanges with instances, by app, instance and kind (instances in the routing table).",
+        labels=["app", "instance", "kind"],
+    )
+    for (app, instance, kind), n in sorted(counts.items()):
+        m.add_metric([app, instance, kind], n)
+    return m
+
+
+def _instance_ejected(live: list[WorkerStats]) -> Metric:
+    """Seconds of ejection left per (app, instance) ejected after upstream errors (longest over workers)."""
+    left: dict[tuple[str, str], float] = {}
+    for st in live:
+        for app, instance, seconds in st.instance_ejected:
+            left[(app, instance)] = max(left.get((app, instance), 0.0), seconds)
+    g = GaugeMetricFamily(
+        P + "instance_ejected_seconds",
+        "Ejection time left of instances that passive health ejected after upstream errors.",
+        labels=["app", "instance"],
+    )
+    for (app, instance), seconds in sorted(left.items()):
+        g.add_metric([app, instance], seconds)
+    return g
 
 
 def _watchdog(sup: Supervisor) -> Iterator[Metric]:
@@ -351,6 +441,7 @@ def metrics_app(supervisor: Supervisor) -> web.Application:
     app = web.Application()
     app.router.add_get("/metrics", handle)
     app.router.add_get("/", handle)
+    add_events_route(app)  # GET /events: recent watchdog events, for the dashboard (docs/dashboard.md)
     if supervisor.config.fault_injection:
         _fault_routes(app, supervisor)
     return app

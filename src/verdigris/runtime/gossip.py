@@ -104,6 +104,7 @@ from verdigris.gossip.sync import (
 )
 from verdigris.gossip.wire import PROTOCOL_VERSION as FAMILY_MEMBERSHIP
 from verdigris.runtime.faults import FaultFilter
+from verdigris.runtime.metrics import Durations
 from verdigris.runtime.metrics import attach as attach_metrics
 from verdigris.runtime.metrics import detach as detach_metrics
 from verdigris.runtime.peers import MAX_SAVED_MEMBERS, PeerRecord, SavedPeers, load_peers, save_peers
@@ -199,6 +200,8 @@ class RuntimeStats:
     """Received pieces dropped because the merge queue was full (sync brings them later)."""
     local_skipped: int = 0
     """Local versions not broadcast because the backlog was full (sync spreads them)."""
+    apply_seconds: Durations = field(default_factory=Durations)
+    """Time to merge one batch of received change sets, measured on the writer thread."""
 
     def count_bytes(self, transport: str, direction: str, n: int) -> None:
         key = (transport, direction)
@@ -333,6 +336,10 @@ class GossipRuntime:
         self._urgent: dict[str, float] = {}
         self._urgent_last: dict[str, float] = {}
         self._merge_queue: deque[Changeset] = deque()
+        self._merge_received_at: deque[float] = deque()
+        """When each change set of ``_merge_queue`` arrived (monotonic), for the apply lag."""
+        self._applying: dict[int, float] = {}
+        """Merges on the writer thread now: id(batch) -> when its oldest change set arrived."""
         self._merge_queued_changes = 0
         self._merging = 0
         self._merge_wake = asyncio.Event()
@@ -679,6 +686,16 @@ class GossipRuntime:
     def queue_size(self) -> int:
         """Change sets received and waiting to be merged (``/v1/health``'s ``queue_size``)."""
         return len(self._merge_queue) + self._merging
+
+    def apply_lag(self, now: float | None = None) -> float:
+        """Age in seconds of the oldest received change set not merged yet (queued or being merged); 0
+        when there is none. A stuck writer thread or a merge that cannot keep up makes it grow."""
+        oldest = list(self._applying.values())
+        if self._merge_received_at:
+            oldest.append(self._merge_received_at[0])
+        if not oldest:
+            return 0.0
+        return max(0.0, (time.monotonic() if now is None else now) - min(oldest))
 
     # ------------------------------------------------------------------------------------------ commands
 
@@ -1041,6 +1058,7 @@ class GossipRuntime:
 
     def _enqueue_merge(self, pieces: list[Changeset]) -> None:
         limit = self.settings.merge_queue_changes
+        now = time.monotonic()
         for cs in pieces:
             n = len(cs.changes)
             if self._merge_queued_changes + n > limit and self._merge_queue:
@@ -1048,6 +1066,7 @@ class GossipRuntime:
                 continue
             self._received.record(cs)
             self._merge_queue.append(cs)
+            self._merge_received_at.append(now)
             self._merge_queued_changes += n
         self._merge_wake.set()
 
@@ -1061,28 +1080,43 @@ class GossipRuntime:
             while queue:
                 batch: list[Changeset] = []
                 n = 0
+                oldest = self._merge_received_at[0]
                 while queue and (not batch or n + len(queue[0].changes) <= limit):
                     cs = queue.popleft()
+                    self._merge_received_at.popleft()
                     batch.append(cs)
                     n += len(cs.changes)
                 self._merge_queued_changes -= n
                 self._merging = len(batch)
                 try:
-                    await self._merge(batch, "broadcast")
+                    await self._merge(batch, "broadcast", received_at=oldest)
                 finally:
                     self._merging = 0
 
-    async def _merge(self, batch: list[Changeset], source: str) -> MergeResult | None:
+    def _timed_merge(self, batch: list[Changeset]) -> MergeResult:
+        """On the writer thread: merge ``batch`` and observe how long it took (apply batch latency)."""
+        started = time.perf_counter()
         try:
             if self.scope is None:
-                result = await self._threads.write(self._store.merge, batch)
-            else:
-                result = await self._threads.write(self._store.merge, batch, self.scope)
+                return self._store.merge(batch)
+            return self._store.merge(batch, self.scope)
+        finally:
+            self.stats.apply_seconds.observe(time.perf_counter() - started)
+
+    async def _merge(
+        self, batch: list[Changeset], source: str, *, received_at: float | None = None
+    ) -> MergeResult | None:
+        token = id(batch)
+        self._applying[token] = time.monotonic() if received_at is None else received_at
+        try:
+            result = await self._threads.write(self._timed_merge, batch)
         except Exception as e:
             self.stats.merge_failures += 1
             self._log.error("merging %d change set(s) from %s failed: %s", len(batch), source, e)
             await self._reload_received()
             return None
+        finally:
+            del self._applying[token]
         for actor, version in result.applied_versions:
             self._received.complete(actor, version)
         for actor, version, reason in result.rejected:

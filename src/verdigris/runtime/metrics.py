@@ -9,24 +9,106 @@ An agent in region mode runs two runtimes (one per scope) into one registry. Eac
 appear once, so one collector per registry (:func:`attach` / :func:`detach`) reports every runtime attached
 to it, and when any of them has a scope every sample carries a ``scope`` label (``regional``, ``global``;
 ``all`` for an unscoped runtime). A single-cluster agent's metrics have no ``scope`` label, as before.
+
+Two readings cannot be taken on the loop: what the node lacks (sync needs, gaps) lives in the store's
+books, which belong to the writer thread. :func:`refresh`, awaited by the metrics endpoint before each
+scrape, reads them there with a bounded wait (a busy writer leaves the previous reading in place; at most
+one reading per runtime is pending). The apply batch latency is a :class:`Durations` the writer thread
+fills as it merges.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import time
 import weakref
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from bisect import bisect_left
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from verdigris.gossip.membership import MemberState
 
 if TYPE_CHECKING:
     from verdigris.runtime.gossip import GossipRuntime
+    from verdigris.store.store import ActorBooks, Store
 
-__all__ = ["GossipCollector", "attach", "detach"]
+__all__ = ["APPLY_BUCKETS", "BooksReading", "Durations", "GossipCollector", "attach", "detach", "refresh"]
+
+APPLY_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+"""Upper bounds (seconds) of the apply batch latency histogram; one more bucket for +Inf."""
+BOOKS_READ_TIMEOUT: Final = 1.0
+"""Longest a scrape waits for the writer thread to read the books."""
+
+
+class Durations:
+    """A histogram kept as plain numbers, so the writer thread can observe without a metrics library.
+    Observed from one thread and read from another: under the GIL each increment is whole, a scrape may
+    at worst see the sum one observation ahead of the buckets."""
+
+    def __init__(self, buckets: tuple[float, ...] = APPLY_BUCKETS) -> None:
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(self.buckets, seconds)] += 1
+        self.sum += seconds
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        """Prometheus' ``(le, count)`` pairs, cumulative, ending with ``+Inf``."""
+        out, acc = [], 0
+        for bound, n in zip((*self.buckets, float("inf")), list(self.counts), strict=True):
+            acc += n
+            out.append(("+Inf" if bound == float("inf") else repr(float(bound)), float(acc)))
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class BooksReading:
+    """What the node lacks of other actors' versions, from the store's books."""
+
+    missing: int = 0
+    """Versions below an actor's known head not received at all (what sync asks for)."""
+    partial: int = 0
+    """Versions received in part (chunked versions waiting for their other pieces)."""
+    gaps: int = 0
+    """Distinct runs of missing or partial versions (holes in the known versions)."""
+
+
+def read_books(books: Mapping[bytes, ActorBooks]) -> BooksReading:
+    """Sum the needs over every actor's books. Call it where the books are stable (the writer thread)."""
+    missing = partial = gaps = 0
+    for b in books.values():
+        head = b.head
+        if not head:
+            continue
+        holes = b.known.gaps(1, head)
+        gaps += len(holes)
+        partial += len(b.partials)
+        missing += sum(e - s + 1 for s, e in holes) - len(b.partials)
+    return BooksReading(missing=max(0, missing), partial=partial, gaps=gaps)
+
+
+def _read_store_books(store: Store, scope: str | None) -> BooksReading:
+    return read_books(store.books(scope) if scope is not None else store.books())
+
+
+async def refresh(registry: CollectorRegistry, timeout: float = BOOKS_READ_TIMEOUT) -> None:
+    """Before a scrape: read the books of every runtime reported in ``registry`` on the writer thread,
+    waiting at most ``timeout`` seconds (see the module docstring)."""
+    collector = _SHARED.get(registry)
+    if collector is not None:
+        await collector.refresh(timeout)
+
 
 _SHARED: weakref.WeakKeyDictionary[CollectorRegistry, GossipCollector] = weakref.WeakKeyDictionary()
 
@@ -57,6 +139,27 @@ class GossipCollector:
 
     def __init__(self, *runtimes: GossipRuntime) -> None:
         self.runtimes: list[GossipRuntime] = list(runtimes)
+        self.readings: dict[int, BooksReading] = {}
+        """id(runtime) -> its last books reading."""
+        self._reading: dict[int, asyncio.Future[BooksReading]] = {}
+
+    async def refresh(self, timeout: float) -> None:
+        for rt in list(self.runtimes):
+            key = id(rt)
+            if key in self._reading:
+                continue  # the previous reading is still waiting for the writer thread
+            future = asyncio.ensure_future(rt._threads.write(_read_store_books, rt._store, rt.scope))
+            self._reading[key] = future
+
+            def done(f: asyncio.Future[BooksReading], key: int = key) -> None:
+                self._reading.pop(key, None)
+                if not f.cancelled() and f.exception() is None:
+                    self.readings[key] = f.result()
+
+            future.add_done_callback(done)
+        pending = list(self._reading.values())
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
 
     def add(self, runtime: GossipRuntime) -> None:
         if runtime not in self.runtimes:
@@ -65,6 +168,7 @@ class GossipCollector:
     def remove(self, runtime: GossipRuntime) -> None:
         if runtime in self.runtimes:
             self.runtimes.remove(runtime)
+        self.readings.pop(id(runtime), None)
 
     def collect(self) -> Iterable[Metric]:
         runtimes = list(self.runtimes)
@@ -72,7 +176,10 @@ class GossipCollector:
         extra = ["scope"] if scoped else []
 
         def family(
-            kind: type[CounterMetricFamily | GaugeMetricFamily], name: str, doc: str, labels: list[str]
+            kind: type[CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily],
+            name: str,
+            doc: str,
+            labels: list[str],
         ) -> Any:
             return kind(name, doc, labels=extra + labels)
 
@@ -148,6 +255,32 @@ class GossipCollector:
             "Merges that failed, versions the store refused.",
             ["kind"],
         )
+        apply_seconds = family(
+            HistogramMetricFamily,
+            "verdigris_gossip_apply_batch_seconds",
+            "Time to merge one batch of received change sets into the store, on the writer thread.",
+            [],
+        )
+        apply_lag = family(
+            GaugeMetricFamily,
+            "verdigris_gossip_apply_lag_seconds",
+            "Age of the oldest received change set not merged yet (waiting or being merged); 0 if none.",
+            [],
+        )
+        needs = family(
+            GaugeMetricFamily,
+            "verdigris_gossip_sync_needs",
+            "Versions of other actors this node knows it lacks, by kind: missing (not received at all, "
+            "below the actor's known head), partial (received in part). Sync asks peers for them.",
+            ["kind"],
+        )
+        gaps = family(
+            GaugeMetricFamily,
+            "verdigris_gossip_gaps",
+            "Holes in the known versions of other actors: runs of missing or partial versions.",
+            [],
+        )
+        now = time.monotonic()
 
         for rt in runtimes:
             p = [rt.scope or "all"] if scoped else []
@@ -215,6 +348,14 @@ class GossipCollector:
             problems.add_metric([*p, "failed"], st.merge_failures)
             problems.add_metric([*p, "rejected"], st.merge_rejected)
 
+            apply_seconds.add_metric(p, st.apply_seconds.cumulative(), st.apply_seconds.sum)
+            apply_lag.add_metric(p, rt.apply_lag(now))
+            reading = self.readings.get(id(rt))
+            if reading is not None:  # none before the first scrape's reading (or a writer busy since)
+                needs.add_metric([*p, "missing"], reading.missing)
+                needs.add_metric([*p, "partial"], reading.partial)
+                gaps.add_metric(p, reading.gaps)
+
         yield from (
             members,
             bad,
@@ -229,4 +370,8 @@ class GossipCollector:
             merged,
             versions,
             problems,
+            apply_seconds,
+            apply_lag,
+            needs,
+            gaps,
         )

@@ -794,6 +794,12 @@ class SubscriptionManager:
         """Times the pending set overflowed (each turned into full re-diffs)."""
         self.refused = 0
         """Subscription requests refused as invalid or unsupported."""
+        self.lag_observer: Callable[[float], None] | None = None
+        """Called on the matcher thread with the seconds from a commit to its events handed to a
+        subscription's listeners (from the earliest commit of the batch; the API's metrics set it)."""
+        self._pending_since: float | None = None
+        """When the oldest commit of the pending batch arrived (monotonic)."""
+        self._batch_since: float | None = None
         self._vm_steps = 0
         self._deadline: float | None = None
         self._reader = store.open_reader()
@@ -951,6 +957,8 @@ class SubscriptionManager:
                 cur |= pks
                 self._pending_keys += len(cur) - before
                 added = True
+            if added and self._pending_since is None:
+                self._pending_since = time.monotonic()
             if self._pending_keys > self._max_pending:
                 # Bounded: give up on key-level matching for these tables; a full re-diff replaces it.
                 self._overflowed.update(self._pending)
@@ -995,6 +1003,7 @@ class SubscriptionManager:
                 self._tasks.clear()
                 batch, self._pending = self._pending, {}
                 self._pending_keys = 0
+                since, self._pending_since = self._pending_since, None
                 overflowed, self._overflowed = self._overflowed, set()
                 barriers, self._barriers = self._barriers, []
             for task in tasks:
@@ -1002,6 +1011,7 @@ class SubscriptionManager:
                     task()
                 except Exception:
                     log.exception("subscriptions: task failed")
+            self._batch_since = since  # events of this batch only: tasks above are no commit's events
             try:
                 self._match_all(batch, overflowed)
             except Exception:
@@ -1011,6 +1021,7 @@ class SubscriptionManager:
                 with self._lock:
                     for sub in self._subs.values():
                         sub._needs_full = True
+            self._batch_since = None
             for ev in barriers:
                 ev.set()
 
@@ -1103,6 +1114,9 @@ class SubscriptionManager:
         if events:
             sub.stats.events += len(events)
             sub._emit(events)
+            observe, since = self.lag_observer, self._batch_since
+            if observe is not None and since is not None:
+                observe(time.monotonic() - since)
 
     def _collect(
         self, sub: Subscription, touched: dict[str, set[Key]] | None
