@@ -7,7 +7,7 @@
 --
 -- Scopes (ARCHITECTURE.md, "State lives at two levels"; docs/store.md, "Scopes"): a table is declared
 -- global by a `-- scope: global` comment line directly above its CREATE TABLE; without one it is regional.
---   global     apps, hostnames, app_regions, region_rtt, proxies   coarse, change rarely, replicated among all nodes
+--   global     apps, hostnames, app_regions, region_rtt, proxies, machine_agents   coarse, change rarely, replicated among all nodes
 --   regional   machines, services, checks     fine-grained, change often, never leave the region
 -- A table's scope cannot change once the table exists.
 -- The proxy subscribes to one query per table (verdigris.proxy.table.QUERIES) and joins in memory.
@@ -119,11 +119,27 @@ CREATE TABLE region_rtt (
 );
 
 -- The edge proxies, registered by each proxy's supervisor at start (docs/proxy.md, "Forwarding across
--- regions"): `address` ('host:port') is where another region's proxy sends a forwarded request.
+-- regions"): `address` ('host:port') is where another region's proxy sends a forwarded request;
+-- `metrics` ('host:port' or NULL) is its supervisor's `metrics_listen`, scraped by the dashboard
+-- (docs/dashboard.md) for request rates, in-flight load and watchdog events.
 -- scope: global
 CREATE TABLE proxies (
     id         TEXT PRIMARY KEY,
     region     TEXT NOT NULL DEFAULT '',
     address    TEXT NOT NULL DEFAULT '',
+    updated_at INTEGER NOT NULL DEFAULT 0,
+    metrics    TEXT
+);
+
+-- The machines agents (`verdigris machines`, docs/machines.md), one row per node, written by the agent
+-- itself at start and deleted when it stops: `address` ('host:port') is its HTTP API, where a proxy
+-- POSTs /v1/apps/<app>/start to wake an app that has no started instance in reach; `apps` is the JSON
+-- list of the app names it can start (autostart on, instances on that node).
+-- scope: global
+CREATE TABLE machine_agents (
+    id         TEXT PRIMARY KEY,
+    region     TEXT NOT NULL DEFAULT '',
+    address    TEXT NOT NULL DEFAULT '',
+    apps       TEXT NOT NULL DEFAULT '[]',
     updated_at INTEGER NOT NULL DEFAULT 0
 );

@@ -6,8 +6,15 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from typing import Final
 
 import httptools
+
+POOL_IDLE_TIMEOUT: Final = 4.0
+"""Seconds an idle pooled connection is kept. Bounded so that an instance nobody sends requests to
+really ends up with no connection (the machines agent's autostop looks for established connections,
+docs/machines.md), and kept below the usual server-side keep-alive timeouts (5 s and up), so that a
+connection the instance is about to close is rarely reused."""
 
 
 class UpstreamError(Exception):
@@ -33,6 +40,7 @@ class UpstreamConn:
         "_parser",
         "_until_close",
         "home",
+        "idle_since",
         "instance_id",
         "keep_alive",
         "reader",
@@ -58,6 +66,8 @@ class UpstreamConn:
         self._parser = httptools.HttpResponseParser(self)
         self._loop = asyncio.get_running_loop()
         self._expired = False
+        self.idle_since = 0.0
+        """Loop time it was put back in the pool (idle connections older than the pool's bound are closed)."""
         self.reusable = True
         """False for a connection that carried an Upgrade request: never returned to the pool."""
         self.tunnel_data: bytes | None = None
@@ -200,10 +210,15 @@ class UpstreamConn:
 class UpstreamPool:
     """Idle keep-alive connections per instance, at most ``max_idle`` each (the oldest closed first)."""
 
-    def __init__(self, max_idle: int, connect_timeout: float) -> None:
+    def __init__(
+        self, max_idle: int, connect_timeout: float, idle_timeout: float = POOL_IDLE_TIMEOUT
+    ) -> None:
         self.max_idle = max_idle
         self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout
         self._idle: dict[str, deque[UpstreamConn]] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
+        """One timer for the whole pool (not one per connection): closes connections idle too long."""
         self.connects = 0
         self.reuses = 0
 
@@ -241,15 +256,37 @@ class UpstreamPool:
             conn.home(conn)
             return
         idle = self._idle.setdefault(conn.instance_id, deque())
+        conn.idle_since = conn._loop.time()
         idle.append(conn)
         while len(idle) > self.max_idle:
             idle.popleft().close()
+        if self._sweeper is None:
+            self._sweeper = conn._loop.call_later(self.idle_timeout, self._sweep, conn._loop)
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Close the connections idle for ``idle_timeout`` or more (the oldest are on the left)."""
+        self._sweeper = None
+        limit = loop.time() - self.idle_timeout
+        oldest: float | None = None
+        for instance_id in list(self._idle):
+            idle = self._idle[instance_id]
+            while idle and idle[0].idle_since <= limit:
+                idle.popleft().close()
+            if not idle:
+                del self._idle[instance_id]
+            elif oldest is None or idle[0].idle_since < oldest:
+                oldest = idle[0].idle_since
+        if oldest is not None:
+            self._sweeper = loop.call_later(max(0.05, oldest - limit), self._sweep, loop)
 
     def drop_instance(self, instance_id: str) -> None:
         for conn in self._idle.pop(instance_id, ()):
             conn.close()
 
     def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for idle in self._idle.values():
             for conn in idle:
                 conn.close()
