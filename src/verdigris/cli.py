@@ -371,6 +371,82 @@ def proxy(config_path: str) -> None:
 
 
 @main.command(context_settings=CONTEXT_SETTINGS)
+@click.option(
+    "-c", "--config", "config_path", required=True, metavar="FILE", help="The config file ([machines])."
+)
+def machines(config_path: str) -> None:
+    """Run the machines agent: this node's app instances as child processes.
+
+    \b
+    Starts its share of each app's instances (instance j of a region runs on
+    region_nodes[j % len]), restarts crashed ones with backoff, health-checks them,
+    writes machines/checks/services rows through the local agent, stops idle ones
+    (autostop) and starts stopped ones when a proxy asks (autostart).
+    HTTP API and /metrics on machines.listen; see docs/machines.md.
+    Runs until SIGINT (Ctrl-C) or SIGTERM, then stops every instance it started.
+    Example:
+      verdigris machines -c examples/machines.toml
+    """
+    from verdigris.machines.config import MachinesConfigError, load_machines_config
+    from verdigris.machines.service import run_machines
+
+    try:
+        config = load_machines_config(config_path)
+    except MachinesConfigError as e:
+        raise BadConfig(str(e)) from None
+    sys.exit(run_machines(config))
+
+
+@main.command(context_settings=CONTEXT_SETTINGS)
+@click.option("--regions", type=int, default=3, show_default=True, help="Regions (ams, iad, sin, r4, ...).")
+@click.option("--nodes", type=int, default=3, show_default=True, help="Nodes per region.")
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where configs, databases and logs go (kept). Default: a fresh temp dir, removed at exit.",
+)
+@click.option("--keep", is_flag=True, help="Keep the default temp dir at exit (its path is printed).")
+@click.option(
+    "--base-port", type=int, help="Fixed ports from this one up (proxies first). Default: free ports."
+)
+@click.option(
+    "--status-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the fleet's addresses as JSON here once it is ready (removed at exit).",
+)
+@click.option("--workers", type=int, default=1, show_default=True, help="Worker processes per proxy.")
+@click.option("--timeout", type=float, default=180.0, show_default=True, help="Start-up bound in seconds.")
+def demo(
+    regions: int,
+    nodes: int,
+    data_dir: Path | None,
+    keep: bool,
+    base_port: int | None,
+    status_file: Path | None,
+    workers: int,
+    timeout: float,
+) -> None:
+    """Run a whole local fleet: per node an agent, a machines agent and a proxy, with sample apps.
+
+    \b
+    Starts REGIONS x NODES nodes on 127.0.0.1, prints the proxies, curl commands for the sample apps
+    (hello, notes, sleepy) and the dashboard URL; Ctrl-C stops every process. See docs/demo.md.
+    Examples:
+      verdigris demo
+      verdigris demo --regions 2 --nodes 1 --base-port 9000 --data-dir /tmp/fleet
+    """
+    from verdigris.demo import DemoError, DemoOptions, run_demo
+
+    if timeout <= 0:
+        raise click.BadParameter(f"must be > 0, not {timeout}", param_hint="--timeout")
+    options = DemoOptions(regions, nodes, data_dir, keep, base_port, status_file, workers, timeout)
+    try:
+        sys.exit(run_demo(options))
+    except DemoError as e:
+        raise BadConfig(str(e)) from None
+
+
+@main.command(context_settings=CONTEXT_SETTINGS)
 @click.option("-c", "--config", "config_path", required=True, metavar="FILE", help="The agent's config file.")
 @click.argument("dest", type=click.Path(dir_okay=False))
 def backup(config_path: str, dest: str) -> None:
@@ -663,6 +739,57 @@ def keys_generate() -> None:
     from verdigris.gossip.keyring import generate_key
 
     click.echo(generate_key(secrets.token_bytes))
+
+
+@main.command(context_settings=CONTEXT_SETTINGS, short_help="Tell an internal stall from the network's.")
+@click.option(
+    "-c",
+    "--config",
+    "config_path",
+    metavar="FILE",
+    type=click.Path(dir_okay=False),
+    help="The agent's config: its [telemetry.prometheus] addr is scraped, its admin socket names members.",
+)
+@click.option("--agent-metrics", multiple=True, metavar="URL", help="An agent's /metrics (repeatable).")
+@click.option(
+    "--proxy-metrics", multiple=True, metavar="URL", help="A proxy's metrics_listen /metrics (repeatable)."
+)
+@click.option(
+    "--interval", type=float, default=2.0, show_default=True, help="Seconds between the two scrapes (rates)."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the verdict and evidence as JSON.")
+def doctor(
+    config_path: str | None,
+    agent_metrics: tuple[str, ...],
+    proxy_metrics: tuple[str, ...],
+    interval: float,
+    as_json: bool,
+) -> None:
+    """Scrape an agent and proxies twice and print a verdict with its evidence: an internal stall in the
+    proxy or the agent, gossip trouble, the upstream network, or healthy (priorities and thresholds:
+    docs/metrics.md).
+
+    \b
+    Exit status: 0 healthy, 1 a problem found, 2 an endpoint could not be scraped.
+    Examples:
+      verdigris doctor -c agent.toml --proxy-metrics 127.0.0.1:9091
+      verdigris doctor --agent-metrics http://10.0.0.5:9090/metrics --json
+    """
+    from verdigris.doctor import DoctorError, run_doctor
+
+    config = _load(config_path) if config_path else None
+    try:
+        code, text = run_doctor(
+            config=config,
+            agent_metrics=agent_metrics,
+            proxy_metrics=proxy_metrics,
+            interval=interval,
+            as_json=as_json,
+        )
+    except DoctorError as e:
+        raise BadConfig(str(e)) from None
+    click.echo(text)
+    sys.exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover
