@@ -1,7 +1,7 @@
 """The proxy's row in the global ``proxies`` table: written by the supervisor (once per proxy, not per
 worker) through the local agent's API, so that other regions' proxies can forward to this one.
 
-:class:`Registration` upserts ``(id, region, address, updated_at)`` at start, retrying with backoff
+:class:`Registration` upserts ``(id, region, address, updated_at, metrics)`` at start, retrying with backoff
 (0.2 s doubling to 10 s) while the agent is away, and deletes the row on a clean stop (best effort, for
 at most 2 s: a proxy that dies leaves its row, and peers that cannot connect to it fall back on another
 proxy of the region and eject it by passive health).
@@ -17,6 +17,7 @@ import time
 import aiohttp
 
 from verdigris.api.client import ApiError, CorrosionClient
+from verdigris.config import Addr
 from verdigris.proxy.config import ProxyConfig
 
 log = logging.getLogger("verdigris.proxy")
@@ -24,10 +25,21 @@ log = logging.getLogger("verdigris.proxy")
 MIN_BACKOFF = 0.2
 MAX_BACKOFF = 10.0
 UPSERT = (
-    "INSERT INTO proxies (id, region, address, updated_at) VALUES (?, ?, ?, ?) "
+    "INSERT INTO proxies (id, region, address, updated_at, metrics) VALUES (?, ?, ?, ?, ?) "
     "ON CONFLICT (id) DO UPDATE SET region = excluded.region, address = excluded.address, "
-    "updated_at = excluded.updated_at"
+    "updated_at = excluded.updated_at, metrics = excluded.metrics"
 )
+
+
+def metrics_address(config: ProxyConfig) -> str | None:
+    """Where the dashboard scrapes this proxy (``metrics_listen``; a wildcard host replaced by the host of
+    :meth:`~verdigris.proxy.config.ProxyConfig.peer_address`), or None without ``metrics_listen``."""
+    if config.metrics_listen is None:
+        return None
+    host, port = config.metrics_listen
+    if host in ("0.0.0.0", "::", ""):
+        host = config.peer_address().host
+    return str(Addr(host, port))
 
 
 class Registration:
@@ -35,6 +47,7 @@ class Registration:
         self.config = config
         self.id = config.proxy_id()
         self.address = str(config.peer_address())
+        self.metrics = metrics_address(config)
         self.registered = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -46,7 +59,7 @@ class Registration:
         async with CorrosionClient(self.config.agent, self.config.token, timeout=5.0) as client:
             while True:
                 try:
-                    params = [self.id, self.config.region, self.address, int(time.time())]
+                    params = [self.id, self.config.region, self.address, int(time.time()), self.metrics]
                     await client.transaction([(UPSERT, params)])
                 except (ApiError, aiohttp.ClientError, OSError, TimeoutError) as e:
                     log.info("registering proxy %s: the agent is not reachable (%s); retrying", self.id, e)
