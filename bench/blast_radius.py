@@ -41,7 +41,8 @@ every probe arriving once on every a-node.
     .venv/bin/python bench/blast_radius.py           # 3 × 4 agents, 100 events/s for 60 s, both phases
     .venv/bin/python bench/blast_radius.py --quick   # 3 × 2 agents, 50 events/s for 4 s (smoke)
 
-The last line of stdout is one line of JSON with the figures.
+The last line of stdout is one line of JSON with the figures (with every probe's propagation time), also
+saved to ``bench/results/blast_radius.json`` (``--results DIR``) for ``bench/plot.py``.
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ from _cluster import (
     until,
     workdir,
 )
+from _results import add_results_argument, save_results
 from _util import BenchFailure, emit_json, environment, make_console
 
 PLATFORM_SQL = Path(__file__).resolve().parent.parent / "schemas" / "platform.sql"
@@ -456,6 +458,7 @@ class ProbeWatch:
             "max_s": round(max(from_ack), 4),
             "from_send_p50_s": round(pct(from_send, 50), 4),
             "from_send_p99_s": round(pct(from_send, 99), 4),
+            "samples_s": [round(x, 4) for x in from_ack],  # for bench/plot.py's distribution
         }
 
     async def stop(self) -> None:
@@ -829,6 +832,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--start-timeout", type=float, default=90.0, help="bound on start + join (s)")
     parser.add_argument("--seed", type=int, default=1, help="seed of the churn script")
     parser.add_argument("--quick", action="store_true", help="smoke run: 3 × 2 agents, 50 events/s for 4 s")
+    add_results_argument(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.nodes, args.rate, args.seconds, args.settle, args.writers = 2, 50.0, 4.0, 0.5, 8
@@ -914,33 +918,33 @@ def main(argv: list[str] | None = None) -> int:
          f"{pb['p50_s'] * 1000:.0f}/{pb['p99_s'] * 1000:.0f} ms (tolerance ×{f:g} + {add * 1000:.0f} ms)"),
     ]:  # fmt: skip
         console.print(f"{'met' if ok else 'MISSED'}: {what}")
-    emit_json(
-        {
-            "bench": "blast_radius",
-            **environment(),
-            "quick": args.quick,
-            "regions": args.regions,
-            "nodes_per_region": args.nodes,
-            "rate": args.rate,
-            "seconds": args.seconds,
-            "events": script.kinds,
-            "presence_transitions": script.presence_transitions,
-            "app_regions_changes_with_capacity": script.app_regions_changes,
-            "global_writes_a": global_writes_a,
-            "presence_writes_a": presence_writes_a,
-            "region_rtt_writes_a": rtt_rows_a,
-            "global_writes_b": sum(sb[r]["global_writes"] for r in regions),
-            "by_region": {"a_region_mode": sa, "b_fleet_wide": sb},
-            "propagation": {"a_region_mode": pa, "b_fleet_wide": pb},
-            "targets_met": {
-                "zero_regional_outside": zero_outside,
-                "global_writes_bounded": bound_ok,
-                "propagation_no_worse": no_worse,
-            },
-            "target_met": zero_outside and bound_ok and no_worse,
-            "phases": results,
-        }
-    )
+    payload = {
+        "bench": "blast_radius",
+        **environment(),
+        "quick": args.quick,
+        "regions": args.regions,
+        "nodes_per_region": args.nodes,
+        "rate": args.rate,
+        "seconds": args.seconds,
+        "events": script.kinds,
+        "presence_transitions": script.presence_transitions,
+        "app_regions_changes_with_capacity": script.app_regions_changes,
+        "global_writes_a": global_writes_a,
+        "presence_writes_a": presence_writes_a,
+        "region_rtt_writes_a": rtt_rows_a,
+        "global_writes_b": sum(sb[r]["global_writes"] for r in regions),
+        "by_region": {"a_region_mode": sa, "b_fleet_wide": sb},
+        "propagation": {"a_region_mode": pa, "b_fleet_wide": pb},
+        "targets_met": {
+            "zero_regional_outside": zero_outside,
+            "global_writes_bounded": bound_ok,
+            "propagation_no_worse": no_worse,
+        },
+        "target_met": zero_outside and bound_ok and no_worse,
+        "phases": results,
+    }
+    console.print(f"figures saved to {save_results(payload, args.results)}")
+    emit_json(payload)
     return 0
 
 

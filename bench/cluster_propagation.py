@@ -19,7 +19,8 @@ on every node with the value sent, and every node ending with exactly the rows w
     .venv/bin/python bench/cluster_propagation.py --nodes 32     # one N only
     .venv/bin/python bench/cluster_propagation.py --quick        # N = 4, 50 writes/s for 3 s (smoke)
 
-The last line of stdout is one line of JSON with the figures.
+The last line of stdout is one line of JSON with the figures (with every write's propagation time), also
+saved to ``bench/results/cluster_propagation.json`` (``--results DIR``) for ``bench/plot.py``.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from _cluster import (
     until,
     workdir,
 )
+from _results import add_results_argument, save_results
 from _util import BenchFailure, emit_json, environment, make_console, median
 
 TARGET_P99_S = 1.0
@@ -111,6 +113,8 @@ async def measure(
         "p99_s": round(pct(spread, 99), 4),
         "max_s": round(max(spread), 4),
         "single_p50_s": round(pct(singles, 50), 4),
+        # every write's propagation time, for bench/plot.py's distribution (0.1 ms resolution)
+        "spread_samples_s": [round(x, 4) for x in spread],
         "drain_after_last_write_s": round(drain, 2),
         "start": started,
         **merged,
@@ -143,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=1, help="seed of the choice of nodes written to")
     parser.add_argument("--quick", action="store_true", help="smoke run: N = 4, 50 writes/s for 3 s")
+    add_results_argument(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.nodes, args.rate, args.seconds, args.writers, args.settle = "4", 50.0, 3.0, 4, 1.0
@@ -189,19 +194,19 @@ def main(argv: list[str] | None = None) -> int:
                 f"N = {r['nodes']}: the {r['cpu']['machine_cores']} cores were ≥ {SATURATED_PCT:g} % busy during "
                 "the writes: these figures are bounded by the machine, not only by the protocol."
             )
-    emit_json(
-        {
-            "bench": "cluster_propagation",
-            **environment(),
-            "quick": args.quick,
-            "rate": args.rate,
-            "seconds": args.seconds,
-            "target_p99_s": TARGET_P99_S,
-            "target_met": all(r["p99_s"] <= TARGET_P99_S for r in results),
-            "p99_s_median": median([r["p99_s"] for r in results]),
-            "results": results,
-        }
-    )
+    payload = {
+        "bench": "cluster_propagation",
+        **environment(),
+        "quick": args.quick,
+        "rate": args.rate,
+        "seconds": args.seconds,
+        "target_p99_s": TARGET_P99_S,
+        "target_met": all(r["p99_s"] <= TARGET_P99_S for r in results),
+        "p99_s_median": median([r["p99_s"] for r in results]),
+        "results": results,
+    }
+    console.print(f"figures saved to {save_results(payload, args.results)}")
+    emit_json(payload)
     return 0
 
 

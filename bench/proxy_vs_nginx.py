@@ -43,7 +43,8 @@ every process runs in a session of its own and is stopped (SIGTERM, then SIGKILL
 the end, also on Ctrl-C / SIGTERM. A run killed with SIGKILL takes its direct children with it
 (``PR_SET_PDEATHSIG``) but nginx workers outlive their master: the next run kills those first (they name a
 temporary directory ``vd-proxybench-<pid>-*`` whose benchmark process is gone). The last line of stdout is
-one line of JSON with every figure.
+one line of JSON with every figure, also saved to ``bench/results/proxy_vs_nginx.json`` (``--results DIR``)
+for ``bench/plot.py``.
 """
 
 from __future__ import annotations
@@ -70,7 +71,9 @@ from rich.console import Console
 from rich.table import Table
 
 from _cluster import Procs, free_ports, log_tail, run_guarded
+from _results import add_results_argument, save_results
 from _util import BenchFailure, emit_json, environment, make_console, median
+from verdigris.proxy.worker import worker_pids
 
 ROOT = Path(__file__).resolve().parent.parent
 PLATFORM_SQL = ROOT / "schemas" / "platform.sql"
@@ -550,13 +553,13 @@ class Bench:
         pids: list[int] = []
         deadline = time.monotonic() + WAIT
         while time.monotonic() < deadline:
-            pids = [p for p in children(proc.pid) if "spawn_main" in cmdline(p)]
+            pids = worker_pids(proc.pid)
             if len(pids) == workers:
                 break
             time.sleep(0.05)
         if len(pids) != workers:
             raise BenchFailure(f"verdigris has {len(pids)} worker processes, expected {workers}")
-        # every worker must be routing (SO_REUSEPORT spreads connections): a few fresh connections each
+        # every worker must be routing (they share one accept queue): a few fresh connections each
         wait_until(
             "every verdigris worker to route",
             lambda: all(serves_bodies(port, via="verdigris")() for _ in range(8 * workers)),
@@ -802,6 +805,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--pyspy-native", action="store_true", help="py-spy --native (C frames too)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 × 1 s per run, no warm-up")
+    add_results_argument(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats, args.seconds = 1, 1
@@ -892,24 +896,24 @@ def main(argv: list[str] | None = None) -> int:
         f"p99_le_{TARGET_P99_RATIO}x_nginx": p99_ok,
     }
     console.print("targets: " + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in targets_met.items()))
-    emit_json(
-        {
-            "bench": "proxy_vs_nginx",
-            **load,
-            "quick": args.quick,
-            "repeats": args.repeats,
-            "seconds": args.seconds,
-            "wrk": {"threads": args.threads, "connections": args.connections},
-            "body_bytes": {k: len(v) for k, v in BODIES.items()},
-            "placement": {"proxy_core": proxy_cpu, "load_core": load_cpu},
-            "versions": versions(),
-            "results": results,
-            "ratios": ratios,
-            "two_workers": {"results": two, "ratios": ratios_of(two)} if two else None,
-            "targets": targets_met,
-            "target_met": all(targets_met.values()),
-        }
-    )
+    payload = {
+        "bench": "proxy_vs_nginx",
+        **load,
+        "quick": args.quick,
+        "repeats": args.repeats,
+        "seconds": args.seconds,
+        "wrk": {"threads": args.threads, "connections": args.connections},
+        "body_bytes": {k: len(v) for k, v in BODIES.items()},
+        "placement": {"proxy_core": proxy_cpu, "load_core": load_cpu},
+        "versions": versions(),
+        "results": results,
+        "ratios": ratios,
+        "two_workers": {"results": two, "ratios": ratios_of(two)} if two else None,
+        "targets": targets_met,
+        "target_met": all(targets_met.values()),
+    }
+    console.print(f"figures saved to {save_results(payload, args.results)}")
+    emit_json(payload)
     return 0
 
 

@@ -187,9 +187,9 @@ def _no_leftovers(marker: bytes) -> None:
     assert not leftovers, leftovers
 
 
-def test_cluster_propagation_quick() -> None:
+def test_cluster_propagation_quick(tmp_path: Path) -> None:
     """4 real agents on 127.0.0.1: every write reaches every node, and no agent outlives the benchmark."""
-    payload = _last_json(_run([str(BENCH / "cluster_propagation.py"), "--quick"]))
+    payload = _last_json(_run([str(BENCH / "cluster_propagation.py"), "--quick", "--results", str(tmp_path)]))
     assert payload["bench"] == "cluster_propagation"
     assert payload["quick"] is True
     (r,) = payload["results"]
@@ -198,13 +198,15 @@ def test_cluster_propagation_quick() -> None:
     assert r["p50_s"] <= r["p90_s"] <= r["p99_s"] <= r["max_s"]
     assert r["versions_by_broadcast"] + r["versions_by_sync"] == 150 * 3  # each write merged by the 3 others
     assert isinstance(payload["target_met"], bool)
+    saved = json.loads((tmp_path / "cluster_propagation.json").read_text())
+    assert saved == payload  # saved for bench/plot.py
     _no_leftovers(b"vd-prop-")
 
 
-def test_blast_radius_quick() -> None:
+def test_blast_radius_quick(tmp_path: Path) -> None:
     """3 regions x 2 real agents, region mode then one fleet-wide cluster, churn in region a: nothing
     regional leaves region a in region mode, all of it does fleet-wide; no agent outlives the benchmark."""
-    payload = _last_json(_run([str(BENCH / "blast_radius.py"), "--quick"]))
+    payload = _last_json(_run([str(BENCH / "blast_radius.py"), "--quick", "--results", str(tmp_path)]))
     assert payload["bench"] == "blast_radius"
     assert payload["quick"] is True and payload["regions"] == 3 and payload["nodes_per_region"] == 2
     assert set(payload["targets_met"]) == {
@@ -229,6 +231,8 @@ def test_blast_radius_quick() -> None:
         p = payload["propagation"][phase]
         _positive(p, ["probes", "p50_s", "p99_s"])
         assert p["p50_s"] <= p["p99_s"]
+        assert len(p["samples_s"]) == p["probes"]  # the distribution bench/plot.py draws
+    assert json.loads((tmp_path / "blast_radius.json").read_text()) == payload
     _no_leftovers(b"vd-blast-")
 
 
@@ -262,10 +266,10 @@ _MISSING_PROXY_BENCH_TOOLS = [
     reason="the proxy benchmark needs the Debian packages wrk, nginx and haproxy (.ci/run installs them); "
     f"not installed: {', '.join(_MISSING_PROXY_BENCH_TOOLS)}",
 )
-def test_proxy_vs_nginx_quick() -> None:
+def test_proxy_vs_nginx_quick(tmp_path: Path) -> None:
     """nginx, HAProxy and Verdigris (with a real agent) in front of one nginx backend, each measured with
-    wrk; no process outlives the benchmark."""
-    payload = _last_json(_run([str(BENCH / "proxy_vs_nginx.py"), "--quick"]))
+    wrk, the figures saved and drawn as a PNG by bench/plot.py; no process outlives the benchmark."""
+    payload = _last_json(_run([str(BENCH / "proxy_vs_nginx.py"), "--quick", "--results", str(tmp_path)]))
     assert payload["bench"] == "proxy_vs_nginx"
     assert payload["quick"] is True and payload["repeats"] == 1
     results = payload["results"]
@@ -282,6 +286,17 @@ def test_proxy_vs_nginx_quick() -> None:
         assert isinstance(payload["ratios"][size]["verdigris_rps_vs_nginx"], float)
     assert set(payload["two_workers"]["results"]["small"]) == {"nginx", "haproxy", "verdigris"}
     assert isinstance(payload["target_met"], bool) and len(payload["targets"]) == 3
+    saved = tmp_path / "proxy_vs_nginx.json"
+    assert json.loads(saved.read_text()) == payload
+    # requests/s, CPU per request and p99 beside nginx and HAProxy, as one PNG (two rows: 1 and 2 workers)
+    plot = subprocess.run(
+        [sys.executable, str(BENCH / "plot.py"), "--results", str(tmp_path), "--out", str(tmp_path / "plots")],
+        capture_output=True, text=True, timeout=TIMEOUT_S, check=False,
+    )  # fmt: skip
+    assert plot.returncode == 0, plot.stderr
+    png = (tmp_path / "plots" / "proxy_vs_nginx.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[12:16] == b"IHDR"
+    assert 30_000 < len(png) < 3_000_000
     # every process of the run names its temporary directory (vd-proxybench-<pid>-...) in its environment,
     # its command line or, for nginx workers (which overwrite both), its open log files
     leftovers = []
