@@ -39,12 +39,15 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
 from _util import BenchFailure, emit_json, environment, make_console, median
+from verdigris.admin import AdminError, admin_call
+from verdigris.watchdog.agent import STATE_ENV
 
 STALL_SECONDS = 60.0
 WAIT = 30.0
@@ -64,34 +67,21 @@ def http(url: str, body: object | None = None, timeout: float = 5.0) -> bytes:
         return payload
 
 
-def admin(path: Path, command: dict[str, Any], timeout: float = 2.0) -> dict[str, Any]:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(str(path))
-        sock.sendall(json.dumps(command).encode() + b"\n")
-        reply: dict[str, Any] = json.loads(sock.makefile().readline())
-        return reply
+class AgentProcess:
+    """A real ``verdigris agent`` process run from ``config`` (JSON logs appended to ``log``, fault
+    injection on): started outside any watchdog's carried state, polled until it serves, stalled through the
+    admin socket's ``fault`` command, its log events read. Also drives tests/test_agent_watchdog.py."""
 
-
-class Bench:
-    def __init__(self, work: Path, cause: str, apply_deadline: float) -> None:
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.admin = Path(tempfile.mkdtemp(prefix="vdw")) / "admin.sock"
-        self.log = work / "agent.log"
-        (work / "schema.sql").write_text("CREATE TABLE kv (k TEXT NOT NULL PRIMARY KEY, v INTEGER);\n")
-        self.config = work / "agent.toml"
-        self.config.write_text(
-            f'[db]\npath = "{work / "state.db"}"\nschema_paths = ["{work / "schema.sql"}"]\n'
-            f'[api]\naddr = "127.0.0.1:{self.port}"\n[admin]\npath = "{self.admin}"\n[log]\nformat = "json"\n'
-            f'[watchdog]\nfault-injection = true\nstack-dir = "{work / "stacks"}"\n'
-            + (f"apply-deadline = {apply_deadline}\n" if cause == "apply" else "")
-        )
-        self.cause = cause
+    def __init__(self, config: Path, log: Path, port: int, admin: Path) -> None:
+        self.config = config
+        self.log = log
+        self.port = port
+        self.base = f"http://127.0.0.1:{port}"
+        self.admin = admin
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if k != "VERDIGRIS_AGENT_WATCHDOG"}
+        env = {k: v for k, v in os.environ.items() if k != STATE_ENV}
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "verdigris.cli", "agent", "-c", str(self.config)],
@@ -99,51 +89,50 @@ class Bench:
                 stderr=subprocess.STDOUT,
                 env=env,
             )
-        self.wait_serving(0)
+        self.wait_serving(lambda ping: True)
 
-    def wait_serving(self, restarts: int) -> tuple[float, dict[str, Any]]:
-        """Poll until the agent with ``restarts`` restarts of this cause serves; (wall time, ping)."""
-        deadline = time.monotonic() + WAIT
+    def wait_serving(
+        self, ready: Callable[[dict[str, Any]], bool], timeout: float = WAIT, interval: float = 0.05
+    ) -> dict[str, Any]:
+        """Poll until /v1/health answers and the admin ping is ok and satisfies ``ready``; the ping reply."""
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc is None or self.proc.poll() is not None:
-                raise BenchFailure(f"the agent exited:\n{self.log.read_text()[-3000:]}")
+                raise BenchFailure(f"the agent exited:\n{self.log_text()[-3000:]}")
             try:
                 http(f"{self.base}/v1/health", timeout=1)
-                ping = admin(self.admin, {"cmd": "ping"}, 1)
-                if ping["watchdog"]["restarts"][self.cause] == restarts:
-                    return time.time(), ping
-            except (urllib.error.URLError, OSError, ValueError, KeyError):
+                ping = admin_call(self.admin, {"cmd": "ping"}, 1.0)
+                if ping.get("ok") and ready(ping):
+                    return ping
+            except (OSError, ValueError, KeyError, AdminError):
                 pass
-            time.sleep(0.005)  # polling another process: no event to await
-        raise BenchFailure(f"not serving with {restarts} restarts within {WAIT}s")
+            time.sleep(interval)  # polling another process: no event to await
+        raise BenchFailure(f"agent not serving as expected within {timeout}s:\n{self.log_text()[-3000:]}")
 
-    def stall(self) -> float:
+    def send_fault(self, action: str, seconds: float) -> float:
+        """Send a fault command without waiting for the reply (a stalled loop sends none); the wall time."""
         sent = time.time()
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(5)
             sock.connect(str(self.admin))
-            action = "stall-loop" if self.cause == "loop" else "stall-apply"
-            sock.sendall(
-                json.dumps({"cmd": "fault", "action": action, "seconds": STALL_SECONDS}).encode() + b"\n"
-            )
-            if self.cause == "apply":
-                sock.makefile().readline()
+            sock.sendall(json.dumps({"cmd": "fault", "action": action, "seconds": seconds}).encode() + b"\n")
+            if action == "stall-apply":  # answered at once: the writer stalls, the loop does not
+                reply = json.loads(sock.makefile().readline())
+                if reply.get("ok") is not True:
+                    raise BenchFailure(f"fault {action} refused: {reply}")
         return sent
 
     def events(self, name: str) -> list[dict[str, Any]]:
         out = []
-        for line in self.log.read_text(errors="replace").splitlines():
+        for line in self.log_text().splitlines():
             if line.startswith("{"):
                 doc = json.loads(line)
                 if doc["msg"].startswith(name + " "):
                     out.append(doc)
         return out
 
-    def rows(self) -> list[Any]:
-        events = [
-            json.loads(line) for line in http(f"{self.base}/v1/queries", "SELECT k, v FROM kv").splitlines()
-        ]
-        return [e["row"] for e in events if "row" in e]
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -153,6 +142,36 @@ class Bench:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+
+
+class Bench(AgentProcess):
+    def __init__(self, work: Path, cause: str, apply_deadline: float) -> None:
+        port = free_port()
+        admin = Path(tempfile.mkdtemp(prefix="vdw")) / "admin.sock"
+        (work / "schema.sql").write_text("CREATE TABLE kv (k TEXT NOT NULL PRIMARY KEY, v INTEGER);\n")
+        config = work / "agent.toml"
+        config.write_text(
+            f'[db]\npath = "{work / "state.db"}"\nschema_paths = ["{work / "schema.sql"}"]\n'
+            f'[api]\naddr = "127.0.0.1:{port}"\n[admin]\npath = "{admin}"\n[log]\nformat = "json"\n'
+            f'[watchdog]\nfault-injection = true\nstack-dir = "{work / "stacks"}"\n'
+            + (f"apply-deadline = {apply_deadline}\n" if cause == "apply" else "")
+        )
+        super().__init__(config, work / "agent.log", port, admin)
+        self.cause = cause
+
+    def serving_with(self, restarts: int) -> tuple[float, dict[str, Any]]:
+        """Poll until the agent with ``restarts`` restarts of this cause serves; (wall time, ping)."""
+        ping = self.wait_serving(lambda p: p["watchdog"]["restarts"][self.cause] == restarts, interval=0.005)
+        return time.time(), ping
+
+    def stall(self) -> float:
+        return self.send_fault("stall-loop" if self.cause == "loop" else "stall-apply", STALL_SECONDS)
+
+    def rows(self) -> list[Any]:
+        events = [
+            json.loads(line) for line in http(f"{self.base}/v1/queries", "SELECT k, v FROM kv").splitlines()
+        ]
+        return [e["row"] for e in events if "row" in e]
 
 
 def field(event: dict[str, Any], key: str) -> str:
@@ -177,7 +196,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             # first probe of a freshly started agent, the worst case)
             time.sleep(rng.uniform(0.3, 0.8))
             sent = bench.stall()
-            served, ping = bench.wait_serving(i)
+            served, ping = bench.serving_with(i)
             events, resumed = bench.events("watchdog_restart"), bench.events("watchdog_resumed")
             if len(events) != i or len(resumed) != i:
                 raise BenchFailure(

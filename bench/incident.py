@@ -696,20 +696,14 @@ def targets(
             ", ".join(f"{e['proxy']} {e['workers_replaced']}" for e in affected),
             bool(affected) and all(e["workers_replaced"] >= workers for e in affected),
         )
-        detect = [e.get("detect_s") for e in affected]
-        add(
-            "detect_le_1s",
-            f"≤ {TARGET_DETECT_S:g} s after the stall began (worst worker)",
-            _worst(detect),
-            all(d is not None and d <= TARGET_DETECT_S for d in detect),
-        )
-        serve = [e.get("serving_again_s") for e in affected]
-        add(
-            "serving_again_le_2s",
-            f"≤ {TARGET_SERVE_S:g} s after the stall began",
-            _worst(serve),
-            all(s is not None and s <= TARGET_SERVE_S for s in serve),
-        )
+        for name, key, bound, want in (
+            ("detect_le_1s", "detect_s", TARGET_DETECT_S, "after the stall began (worst worker)"),
+            ("serving_again_le_2s", "serving_again_s", TARGET_SERVE_S, "after the stall began"),
+        ):
+            times = [e.get(key) for e in affected]
+            add(
+                name, f"≤ {bound:g} s {want}", _worst(times), all(x is not None and x <= bound for x in times)
+            )
         add(
             "zero_other_failures",
             "0 failed requests besides the stuck workers' in-flight ones",

@@ -6,6 +6,8 @@ import asyncio
 import json
 import socket
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,29 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def wait_until(
+    what: str,
+    check: Callable[[], Any],
+    timeout: float,
+    interval: float = 0.05,
+    tolerate: tuple[type[Exception], ...] = (OSError,),
+) -> Any:
+    """Poll ``check`` every ``interval`` s until it returns something true (returned); an exception of
+    ``tolerate`` counts as a miss. After ``timeout`` s an AssertionError names ``what`` and the last value
+    (or exception) seen."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+            if last:
+                return last
+        except tolerate as e:
+            last = e
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}; last: {last!r}")
 
 
 def write_config(

@@ -34,16 +34,18 @@ UPSTREAM_NAME = web.AppKey("upstream_name", str)
 # ---------------------------------------------------------------------------------------- processes
 
 
-def stop_process(proc: subprocess.Popen[bytes], log: IO[bytes]) -> int:
-    """SIGTERM (a kill if it does not exit within ``WAIT``), then close its log; its exit code."""
+def stop_process(proc: subprocess.Popen[bytes], log: IO[bytes] | None = None, timeout: float = WAIT) -> int:
+    """SIGTERM (a kill if it does not exit within ``timeout``), then close its log (if any); its exit
+    code."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(WAIT)
+            proc.wait(timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
-            proc.wait(WAIT)
-    log.close()
+            proc.wait(timeout)
+    if log is not None:
+        log.close()
     return proc.returncode
 
 
@@ -87,6 +89,7 @@ class Proxy:
         *,
         workers: int = 2,
         name: str = "proxy",
+        region: str = "ams",
         extra: str = "",
         timeouts: str = "connect = 1.0\nresponse = 5.0\nqueue = 0.4\ndrain = 5.0\nheader_read = 0.5\n",
     ) -> None:
@@ -98,7 +101,7 @@ class Proxy:
             f'listen = "127.0.0.1:{self.port}"\n'
             f"workers = {workers}\n"
             f'agent = "{agent_url}"\n'
-            'region = "ams"\n' + extra + "[proxy.timeouts]\n" + timeouts
+            f'region = "{region}"\n' + extra + "[proxy.timeouts]\n" + timeouts
         )
         self.log = open(tmp / f"{name}.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(

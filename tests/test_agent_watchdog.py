@@ -11,12 +11,9 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,10 +22,16 @@ from typing import Any
 import pytest
 
 from _api_util import free_port, short_dir
-from verdigris.admin import AdminError, admin_call, parse_command
+from verdigris.admin import admin_call, parse_command
 from verdigris.agent import Agent
 from verdigris.config import ConfigError, parse_config
 from verdigris.watchdog.agent import STATE_ENV, AgentWatchdog, CarriedState
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))
+# the benchmark (bench/agent_watchdog.py) drives the same agent process: one piece of code for both
+from agent_watchdog import AgentProcess, field, http  # noqa: E402
 
 SCHEMA = "CREATE TABLE kv (k TEXT NOT NULL PRIMARY KEY, v INTEGER NOT NULL DEFAULT 0);\n"
 WAIT = 30.0
@@ -37,79 +40,23 @@ DETECTION_BOUND = 5.0
 """Generous bound on loop-stall detection (the deadline is 1 s; the bench reports the real figure)."""
 
 
-def _http(url: str, body: object | None = None, timeout: float = 5.0) -> bytes:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        payload: bytes = resp.read()
-        return payload
-
-
-class AgentProc:
+class AgentProc(AgentProcess):
     """A real ``verdigris agent`` process with fault injection on, JSON logs, API and metrics ports."""
 
     def __init__(self, tmp: Path, watchdog: str = "", extra: str = "") -> None:
-        self.port, self.metrics_port = free_port(), free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.admin = short_dir() / "admin.sock"
+        port, self.metrics_port = free_port(), free_port()
+        admin = short_dir() / "admin.sock"
         self.stack_dir = tmp / "stacks"
-        self.log = tmp / "agent.log"
         self.db = tmp / "state.db"
         (tmp / "schema.sql").write_text(SCHEMA)
-        self.config = tmp / "agent.toml"
-        self.config.write_text(
+        config = tmp / "agent.toml"
+        config.write_text(
             f'[db]\npath = "{self.db}"\nschema_paths = ["{tmp / "schema.sql"}"]\n'
-            f'[api]\naddr = "127.0.0.1:{self.port}"\n[admin]\npath = "{self.admin}"\n'
+            f'[api]\naddr = "127.0.0.1:{port}"\n[admin]\npath = "{admin}"\n'
             f'[telemetry.prometheus]\naddr = "127.0.0.1:{self.metrics_port}"\n[log]\nformat = "json"\n'
             f'{extra}[watchdog]\nfault-injection = true\nstack-dir = "{self.stack_dir}"\n{watchdog}'
         )
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if k != STATE_ENV}
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "verdigris.cli", "agent", "-c", str(self.config)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
-        self.wait_serving(lambda ping: True)
-
-    def wait_serving(self, ready: Any, timeout: float = WAIT) -> dict[str, Any]:
-        """Poll until /v1/health answers and the admin ping satisfies ``ready``; the ping reply."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc is not None and self.proc.poll() is None, self.log_text()
-            try:
-                _http(f"{self.base}/v1/health", timeout=1)
-                ping = admin_call(self.admin, {"cmd": "ping"}, 1.0)
-                if ping.get("ok") and ready(ping):
-                    return ping
-            except (urllib.error.URLError, ConnectionError, TimeoutError, AdminError):
-                pass
-            time.sleep(0.05)  # polling a process we do not control: no event to await
-        raise AssertionError(f"agent not serving as expected within {timeout}s:\n{self.log_text()}")
-
-    def send_fault(self, action: str, seconds: float) -> float:
-        """Send a fault command without waiting for the reply (a stalled loop sends none); the wall time."""
-        sent = time.time()
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(5)
-            sock.connect(str(self.admin))
-            sock.sendall(json.dumps({"cmd": "fault", "action": action, "seconds": seconds}).encode() + b"\n")
-            if action == "stall-apply":  # answered at once: the writer stalls, the loop does not
-                assert json.loads(sock.makefile().readline())["ok"] is True
-        return sent
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log_text().splitlines():
-            if line.startswith("{"):
-                doc = json.loads(line)
-                if doc["msg"].startswith(name + " "):
-                    out.append(doc)
-        return out
+        super().__init__(config, tmp / "agent.log", port, admin)
 
     def wait_log(self, text: str) -> None:
         deadline = time.monotonic() + WAIT
@@ -117,11 +64,8 @@ class AgentProc:
             assert time.monotonic() < deadline, f"{text!r} not logged:\n{self.log_text()}"
             time.sleep(0.01)  # another process's log file: polled, bounded
 
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
     def metrics(self) -> str:
-        return _http(f"http://127.0.0.1:{self.metrics_port}/metrics").decode()
+        return http(f"http://127.0.0.1:{self.metrics_port}/metrics").decode()
 
     def inherited_fds(self) -> list[str]:
         """The process's file descriptors beyond stdin/stdout/stderr that an exec would keep open (no
@@ -138,15 +82,6 @@ class AgentProc:
             if fd > 2 and not flags & os.O_CLOEXEC:
                 leaks.append(f"{fd} -> {target}")
         return leaks
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
 
 
 @pytest.fixture
@@ -167,13 +102,6 @@ def agent_factory(tmp_path: Path) -> Iterator[Any]:
         shutil.rmtree(agent.admin.parent, ignore_errors=True)
 
 
-def _field(event: dict[str, Any], key: str) -> str:
-    for word in event["msg"].split():
-        if word.startswith(key + "="):
-            return word.split("=", 1)[1]
-    raise AssertionError(f"no {key}= in {event['msg']}")
-
-
 def _ts(event: dict[str, Any]) -> float:
     return datetime.datetime.fromisoformat(event["ts"]).timestamp()
 
@@ -187,7 +115,7 @@ def _metric(text: str, name: str) -> float | None:
 
 def _rows(base: str) -> list[list[Any]]:
     out = []
-    for line in _http(f"{base}/v1/queries", "SELECT k, v FROM kv ORDER BY k").decode().splitlines():
+    for line in http(f"{base}/v1/queries", "SELECT k, v FROM kv ORDER BY k").decode().splitlines():
         event = json.loads(line)
         if "row" in event:
             out.append(event["row"][1])
@@ -199,7 +127,7 @@ def _rows(base: str) -> list[list[Any]]:
 
 def test_loop_stall_is_detected_and_the_agent_re_executed(agent_factory: Any) -> None:
     agent = agent_factory()
-    _http(f"{agent.base}/v1/transactions", [["INSERT INTO kv (k, v) VALUES (?, ?)", ["a", 1]]])
+    http(f"{agent.base}/v1/transactions", [["INSERT INTO kv (k, v) VALUES (?, ?)", ["a", 1]]])
     first = admin_call(agent.admin, {"cmd": "ping"}, 5)
     assert first["watchdog"]["enabled"] is True and first["watchdog"]["restart"] is True
     assert _rows(agent.base) == [["a", 1]]  # a reader connection is open too
@@ -229,9 +157,9 @@ def test_loop_stall_is_detected_and_the_agent_re_executed(agent_factory: Any) ->
     assert agent.inherited_fds() == []
     [event] = agent.events("watchdog_restart")
     [resumed] = agent.events("watchdog_resumed")
-    assert _field(resumed, "cause") == "loop" and _field(resumed, "restarts") == "1"
-    assert 0 < float(_field(resumed, "serving_again").rstrip("s")) < WAIT
-    detection = float(_field(event, "detection").rstrip("s"))
+    assert field(resumed, "cause") == "loop" and field(resumed, "restarts") == "1"
+    assert 0 < float(field(resumed, "serving_again").rstrip("s")) < WAIT
+    detection = float(field(event, "detection").rstrip("s"))
     since_sent = _ts(event) - sent
     print(
         f"loop stall: detection {detection:.3f}s (probe), {since_sent:.3f}s after the fault; "
@@ -239,9 +167,9 @@ def test_loop_stall_is_detected_and_the_agent_re_executed(agent_factory: Any) ->
     )
     assert 1.0 <= detection < DETECTION_BOUND
     assert since_sent < DETECTION_BOUND
-    assert _field(event, "cause") == "loop"
-    assert json.loads(_field(event, "stalled_in")) == "agent.py:stall_event_loop"
-    stack_file = Path(json.loads(_field(event, "stacks")))
+    assert field(event, "cause") == "loop"
+    assert json.loads(field(event, "stalled_in")) == "agent.py:stall_event_loop"
+    stack_file = Path(json.loads(field(event, "stacks")))
     assert stack_file.parent == agent.stack_dir and stack_file.exists()
     stacks = stack_file.read_text()
     assert "stall_event_loop" in stacks and "_fault_stall" in stacks
@@ -266,21 +194,21 @@ def test_clustered_agent_rejoins_and_catches_up_after_a_restart(agent_factory: A
     gossip = '[gossip]\naddr = "127.0.0.1:{}"\nplaintext = true\nbootstrap = [{}]\n'
     a = agent_factory(name="a", extra=gossip.format(port_a, ""))
     b = agent_factory(name="b", extra=gossip.format(port_b, f'"127.0.0.1:{port_a}"'))
-    _http(f"{a.base}/v1/transactions", [["INSERT INTO kv (k, v) VALUES ('before', 1)", []]])
+    http(f"{a.base}/v1/transactions", [["INSERT INTO kv (k, v) VALUES ('before', 1)", []]])
     _wait_for(lambda: _rows(b.base) == [["before", 1]], WAIT)
 
     b.send_fault("stall-loop", 60)
-    _http(f"{a.base}/v1/transactions", [["INSERT INTO kv (k, v) VALUES ('during', 2)", []]])
+    http(f"{a.base}/v1/transactions", [["INSERT INTO kv (k, v) VALUES ('during', 2)", []]])
     ping = b.wait_serving(lambda p: p["watchdog"]["restarts"]["loop"] == 1)
     assert ping["gossip"] == f"127.0.0.1:{port_b}"
     _wait_for(lambda: _rows(b.base) == [["before", 1], ["during", 2]], WAIT)
-    _http(f"{b.base}/v1/transactions", [["INSERT INTO kv (k, v) VALUES ('after', 3)", []]])
+    http(f"{b.base}/v1/transactions", [["INSERT INTO kv (k, v) VALUES ('after', 3)", []]])
     _wait_for(lambda: len(_rows(a.base)) == 3, WAIT)
 
 
 def test_apply_stall_restarts_with_backoff(agent_factory: Any) -> None:
     agent = agent_factory("apply-deadline = 1\n")
-    _http(f"{agent.base}/v1/transactions", [["INSERT INTO kv (k, v) VALUES (?, ?)", ["b", 2]]])
+    http(f"{agent.base}/v1/transactions", [["INSERT INTO kv (k, v) VALUES (?, ?)", ["b", 2]]])
     pid = agent.proc.pid
 
     agent.send_fault("stall-apply", 60)
@@ -292,13 +220,13 @@ def test_apply_stall_restarts_with_backoff(agent_factory: Any) -> None:
     assert ping["pid"] == pid
     assert ping["watchdog"]["restarts"] == {"loop": 0, "apply": 2}
     first, second = agent.events("watchdog_restart")
-    assert [_field(e, "cause") for e in (first, second)] == ["apply", "apply"]
-    assert [_field(e, "backoff") for e in (first, second)] == ["0.000s", "0.100s"]
-    assert json.loads(_field(second, "stalled_in")) == "agent.py:stall_apply_path"
-    assert "stall_apply_path" in Path(json.loads(_field(second, "stacks"))).read_text()
+    assert [field(e, "cause") for e in (first, second)] == ["apply", "apply"]
+    assert [field(e, "backoff") for e in (first, second)] == ["0.000s", "0.100s"]
+    assert json.loads(field(second, "stalled_in")) == "agent.py:stall_apply_path"
+    assert "stall_apply_path" in Path(json.loads(field(second, "stacks"))).read_text()
     assert _rows(agent.base) == [["b", 2]]
     # the apply path works again: a write goes through
-    _http(f"{agent.base}/v1/transactions", [["UPDATE kv SET v = 3 WHERE k = 'b'", []]])
+    http(f"{agent.base}/v1/transactions", [["UPDATE kv SET v = 3 WHERE k = 'b'", []]])
     assert _rows(agent.base) == [["b", 3]]
     metrics = agent.metrics()
     assert _metric(metrics, 'verdigris_watchdog_restarts_total{cause="apply",component="agent"}') == 2
@@ -325,8 +253,8 @@ def test_restart_false_only_reports(agent_factory: Any) -> None:
     assert ping["watchdog"]["restarts"] == {"loop": 0, "apply": 0}
     assert agent.events("watchdog_restart") == []
     [stall] = agent.events("watchdog_stall")
-    assert _field(stall, "cause") == "loop" and "action=report" in stall["msg"]
-    assert Path(json.loads(_field(stall, "stacks"))).exists()
+    assert field(stall, "cause") == "loop" and "action=report" in stall["msg"]
+    assert Path(json.loads(field(stall, "stacks"))).exists()
     deadline = time.monotonic() + WAIT
     while not agent.events("watchdog_recovered") and time.monotonic() < deadline:
         time.sleep(0.05)  # the log line is written by another process
@@ -347,7 +275,7 @@ def test_restart_false_only_reports(agent_factory: Any) -> None:
         lambda p: p["watchdog"]["probe_timeouts"]["apply"] == 1 and p["watchdog"]["lag"]["apply"] < 1
     )
     assert ping["pid"] == before["pid"] and ping["watchdog"]["restarts"] == {"loop": 0, "apply": 0}
-    assert [_field(e, "cause") for e in agent.events("watchdog_stall")] == ["loop", "apply"]
+    assert [field(e, "cause") for e in agent.events("watchdog_stall")] == ["loop", "apply"]
 
 
 # ------------------------------------------------------------------------------------------ embedded agents

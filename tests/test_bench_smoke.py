@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -297,8 +298,10 @@ def test_proxy_vs_nginx_quick(tmp_path: Path) -> None:
     png = (tmp_path / "plots" / "proxy_vs_nginx.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[12:16] == b"IHDR"
     assert 30_000 < len(png) < 3_000_000
-    # every process of the run names its temporary directory (vd-proxybench-<pid>-...) in its environment,
-    # its command line or, for nginx workers (which overwrite both), its open log files
+    # every process of the run names its temporary directory (vd-proxybench-<bench pid>-...) in its
+    # environment, its command line or, for nginx workers (which overwrite both), its open log files. A
+    # process whose benchmark has exited is a leftover; one whose benchmark still runs belongs to another
+    # run going on at the same time (another session on this machine), not to this one.
     leftovers = []
     for proc in Path("/proc").glob("[0-9]*"):
         try:
@@ -306,6 +309,7 @@ def test_proxy_vs_nginx_quick(tmp_path: Path) -> None:
             texts += [os.readlink(fd).encode() for fd in (proc / "fd").iterdir()]
         except OSError:
             continue
-        if any(b"vd-proxybench-" in t for t in texts):
+        owners = {int(m) for t in texts for m in re.findall(rb"vd-proxybench-(\d+)-", t)}
+        if owners and not any(Path(f"/proc/{o}").exists() for o in owners):
             leftovers.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
     assert not leftovers, leftovers

@@ -38,9 +38,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from _api_util import free_port, short_dir, write_config
+from _api_util import free_port, short_dir, wait_until, write_config
 from _proxy_env import PLATFORM_SQL, VERDIGRIS, Upstreams, stop_process
 from test_cluster import new_key
+from test_proxy_regions import RegionProxy
 from test_regions import GLOBAL_CLUSTER_ID, REGIONAL_CLUSTER_IDS, RegionNode
 from verdigris.admin import admin_call
 from verdigris.agent import Agent
@@ -63,19 +64,7 @@ FLEET_AUTH = {"Authorization": f"Bearer {FLEET_TOKEN}"}
 
 
 def until(what: str, check: Callable[[], Any], timeout: float = WAIT, interval: float = 0.1) -> Any:
-    """Poll ``check`` until it returns something true (returned) or ``timeout`` (AssertionError with the
-    last value seen)."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-            if last:
-                return last
-        except (OSError, KeyError, ValueError) as e:
-            last = e
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}; last: {last!r}")
+    return wait_until(what, check, timeout, interval, (OSError, KeyError, ValueError))
 
 
 def get_json(url: str, headers: dict[str, str] | None = None) -> Any:
@@ -339,34 +328,21 @@ async def test_agent_watchdog_stall_is_an_event(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------- a small fleet
 
 
-class FleetProxy:
+class FleetProxy(RegionProxy):
     """``verdigris proxy`` of one region: one worker, metrics (with /events), fault injection."""
 
     def __init__(self, tmp: Path, agent_url: str, region: str) -> None:
-        self.region = region
-        self.port = free_port()
-        self.metrics_port = free_port()
-        self.config = tmp / f"proxy-{region}.toml"
-        self.config.write_text(
-            "[proxy]\n"
-            f'listen = "127.0.0.1:{self.port}"\n'
-            "workers = 1\n"
-            f'agent = "{agent_url}"\n'
-            f'region = "{region}"\n'
-            f'id = "proxy-{region}"\n'
-            f'token = "{FLEET_TOKEN}"\n'
-            'peer_token = "fleet-peer-token"\n'
-            f'metrics_listen = "127.0.0.1:{self.metrics_port}"\n'
-            "fault_injection = true\n"
-            f'stack_dir = "{tmp / ("stacks-" + region)}"\n'
-            "[proxy.timeouts]\nconnect = 1.0\nresponse = 5.0\nqueue = 0.4\ndrain = 2.0\n"
-        )
-        self.log = open(tmp / f"proxy-{region}.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [VERDIGRIS, "proxy", "-c", str(self.config)], stdout=self.log, stderr=subprocess.STDOUT
+        super().__init__(
+            tmp,
+            agent_url,
+            region,
+            extra=(
+                f'token = "{FLEET_TOKEN}"\npeer_token = "fleet-peer-token"\n'
+                f'fault_injection = true\nstack_dir = "{tmp / ("stacks-" + region)}"\n'
+            ),
         )
 
-    def get(self, host: str, path: str = "/") -> int:
+    def status(self, host: str, path: str = "/") -> int:
         req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", headers={"Host": host})
         try:
             with urllib.request.urlopen(req, timeout=10) as r:
@@ -553,14 +529,14 @@ def test_fleet_instances_health_and_regions(fleet: Fleet) -> None:
 
 def test_fleet_request_and_error_rates_follow_traffic(fleet: Fleet) -> None:
     proxy = fleet.proxies["a"]
-    until("proxy a routes web", lambda: proxy.get("web.test") == 200)
+    until("proxy a routes web", lambda: proxy.status("web.test") == 200)
     until("a first rate", lambda: _apps(fleet.dashboard("a"))["web"]["requests_per_s"] is not None)
     sent = errors = 0
     deadline = time.monotonic() + WAIT
     web: dict[str, Any] = {}
     while time.monotonic() < deadline:  # steady traffic, 1 in 5 answered 500 by the instance
         for _ in range(10):
-            status = proxy.get("web.test", "/500" if sent % 5 == 0 else "/")
+            status = proxy.status("web.test", "/500" if sent % 5 == 0 else "/")
             errors += status == 500
             sent += 1
         web = _apps(fleet.dashboard("a"))["web"]
@@ -578,7 +554,7 @@ def test_fleet_request_and_error_rates_follow_traffic(fleet: Fleet) -> None:
 
 def test_fleet_upstream_errors_per_instance(fleet: Fleet) -> None:
     proxy = fleet.proxies["a"]
-    until("dead.test routed, and failing", lambda: proxy.get("dead.test") in (502, 503))
+    until("dead.test routed, and failing", lambda: proxy.status("dead.test") in (502, 503))
 
     def d1_errors() -> Any:
         [d1] = _apps(fleet.dashboard("a"))["dead"]["instances"]
@@ -633,7 +609,7 @@ def test_fleet_region_peers_replication(fleet: Fleet) -> None:
 
 def test_fleet_watchdog_event_of_a_stuck_worker(fleet: Fleet) -> None:
     proxy = fleet.proxies["a"]
-    until("proxy a routes web", lambda: proxy.get("web.test") == 200)
+    until("proxy a routes web", lambda: proxy.status("web.test") == 200)
     req = urllib.request.Request(
         f"http://127.0.0.1:{proxy.metrics_port}/fault/stall?worker=0&seconds=4", method="POST"
     )
@@ -647,7 +623,7 @@ def test_fleet_watchdog_event_of_a_stuck_worker(fleet: Fleet) -> None:
     [event] = [e for e in events if e["kind"] == "probe_timeout"]
     assert event["worker"] == 0 and event["component"] == "proxy" and event["cause"]
     # the kill that follows is the same event, not a second one
-    until("the worker is back", lambda: proxy.get("web.test") == 200)
+    until("the worker is back", lambda: proxy.status("web.test") == 200)
     events = get_json(f"http://127.0.0.1:{proxy.metrics_port}/events")["events"]
     assert [e["kind"] for e in events].count("exited") == 0, events
     # and the agent shows it, with where it happened

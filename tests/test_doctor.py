@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -30,6 +29,7 @@ from click.testing import CliRunner
 
 from _api_util import WAIT, free_port, short_dir, write_config
 from _proxy_env import PLATFORM_SQL, VERDIGRIS, Agent, Proxy, Upstreams, stop_process
+from test_cluster import free_port as gossip_port
 from verdigris.admin import admin_call
 from verdigris.cli import main
 from verdigris.doctor import (
@@ -537,21 +537,6 @@ def test_e2e_stalled_worker_is_an_internal_stall(fleet: Fleet) -> None:
 
 
 # ---------------------------------------------------------------------------------------- gossip
-
-
-def gossip_port() -> int:
-    """A port free for both TCP and UDP (gossip uses both on one port)."""
-    for _ in range(50):
-        with socket.socket() as t:
-            t.bind(("127.0.0.1", 0))
-            port = int(t.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-                try:
-                    u.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("no free port")
 
 
 def gossip_config(root: Path, port: int, bootstrap: list[str], metrics_port: int | None = None) -> Path:

@@ -29,6 +29,9 @@ from typing import IO, Any
 
 import pytest
 
+from _api_util import wait_until
+from _proxy_env import stop_process
+from test_cluster import free_port
 from verdigris.machines import checks as probes
 from verdigris.machines.config import MachinesConfigError, parse_machines_config
 from verdigris.machines.state import MachineRow, diff_statements
@@ -73,45 +76,12 @@ while True:  # the listener is closed while the flag file "off" exists
 """
 
 
-def free_port() -> int:
-    """A port free for TCP and UDP (gossip uses both)."""
-    for _ in range(50):
-        with socket.socket() as t, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            t.bind(("127.0.0.1", 0))
-            port = int(t.getsockname()[1])
-            try:
-                u.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port")
-
-
 def until(what: str, check: Callable[[], Any], timeout: float = WAIT) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-            if last:
-                return last
-        except OSError as e:
-            last = e
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}: {last!r}")
+    return wait_until(what, check, timeout)
 
 
 def stop(proc: subprocess.Popen[bytes], log: IO[bytes] | None = None) -> int:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(WAIT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(WAIT)
-    if log is not None:
-        log.close()
-    return proc.returncode
+    return stop_process(proc, log, WAIT)
 
 
 def alive(pid: int) -> bool:

@@ -10,11 +10,9 @@ bounded.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +22,11 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from _api_util import WAIT, write_config
+from test_runtime import QUICK, Node, runtime_nodes, until
 from verdigris.agent import Agent
 from verdigris.api.metrics import ApiMetrics
-from verdigris.api.threads import StoreThreads
-from verdigris.config import Addr, GossipConfig, load_config
-from verdigris.gossip.sync import SyncConfig
-from verdigris.runtime import GossipRuntime, RuntimeSettings
+from verdigris.config import Addr, load_config
 from verdigris.runtime.metrics import BooksReading, Durations, read_books, refresh
-from verdigris.runtime.peers import peers_path
 from verdigris.store.store import Store
 from verdigris.store.subscriptions import SubscriptionManager
 from verdigris.store.types import Changeset, Statement
@@ -125,70 +120,22 @@ def test_subscription_lag_is_observed_from_commit_to_listeners(tmp_path: Path) -
 
 # ---------------------------------------------------------------------------------------- gossip runtimes
 
-FAST = dataclasses.replace(
-    RuntimeSettings.for_profile("lan"),
-    io_timeout=0.5,
-    sync=SyncConfig(request_timeout=0.5),
-    sync_min_interval=0.2,
-    sync_max_interval=0.5,
-)
-
-
-@dataclasses.dataclass
-class Node:
-    store: Store
-    threads: StoreThreads
-    runtime: GossipRuntime
-    registry: CollectorRegistry
-
-    async def write(self, k: str, v: int) -> None:
-        await self.threads.write(write, self.store, k, v)
-
-    async def scrape(self) -> dict[str, float]:
-        await refresh(self.registry)
-        return samples(self.registry)
-
 
 @pytest.fixture
 async def make_node(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Node]]]:
-    nodes: list[Node] = []
+    """Gossip runtimes with their metrics in a registry of their own (no fault injection)."""
+    async with runtime_nodes(tmp_path, QUICK) as make:
 
-    async def make(name: str, bootstrap: tuple[Addr, ...] = ()) -> Node:
-        writer = ThreadPoolExecutor(max_workers=1)
-        store = Store(tmp_path / name / "state.db", schema_sql=SCHEMA)
-        threads = StoreThreads(store, writer=writer, readers=1)
-        cfg = GossipConfig(addr=Addr("127.0.0.1", 0), bootstrap=bootstrap, plaintext=True, enabled=True)
-        registry = CollectorRegistry()
-        runtime = GossipRuntime(
-            store=store,
-            threads=threads,
-            config=cfg,
-            keyring=None,
-            keyring_path=tmp_path / name / "keyring.json",
-            peers_file=peers_path(store.path),
-            settings=FAST,
-            registry=registry,
-        )
-        await runtime.start()
-        node = Node(store, threads, runtime, registry)
-        nodes.append(node)
-        return node
+        async def metered(name: str, bootstrap: tuple[Addr, ...] = ()) -> Node:
+            return await make(name, bootstrap, metrics=True, fault_injection=False)
 
-    try:
-        yield make
-    finally:
-        for node in nodes:
-            await node.runtime.stop()
-            await asyncio.to_thread(node.threads.close)
-            node.threads.writer.submit(node.store.close).result(WAIT)
-            node.threads.writer.shutdown()
+        yield metered
 
 
-async def until(what: str, check: Callable[[], Awaitable[bool]], timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
+async def scrape(node: Node) -> dict[str, float]:
+    assert node.registry is not None
+    await refresh(node.registry)
+    return samples(node.registry)
 
 
 async def test_apply_latency_and_apply_lag_move(make_node: Callable[..., Awaitable[Node]]) -> None:
@@ -200,16 +147,16 @@ async def test_apply_latency_and_apply_lag_move(make_node: Callable[..., Awaitab
         return a.runtime.member_count() == 2 and b.runtime.member_count() == 2
 
     await until("b to join a", joined)
-    s = await b.scrape()
+    s = await scrape(b)
     assert s["verdigris_gossip_apply_lag_seconds"] == 0
     merged_before = s["verdigris_gossip_apply_batch_seconds_count"]
     await a.write("k", 1)
 
     async def merged() -> bool:
-        return (await b.scrape())["verdigris_gossip_apply_batch_seconds_count"] > merged_before
+        return (await scrape(b))["verdigris_gossip_apply_batch_seconds_count"] > merged_before
 
     await until("b to merge a's write", merged)
-    s = await b.scrape()
+    s = await scrape(b)
     assert s["verdigris_gossip_apply_batch_seconds_sum"] > 0
     assert (
         s['verdigris_gossip_apply_batch_seconds_bucket{le="+Inf"}']
@@ -238,7 +185,7 @@ async def test_apply_latency_and_apply_lag_move(make_node: Callable[..., Awaitab
         release.set()
 
     async def applied() -> bool:
-        return (await b.scrape())["verdigris_gossip_apply_lag_seconds"] == 0
+        return (await scrape(b))["verdigris_gossip_apply_lag_seconds"] == 0
 
     await until("b to apply it", applied)
 
@@ -247,7 +194,7 @@ async def test_sync_needs_and_gaps_are_read_from_the_books(
     make_node: Callable[..., Awaitable[Node]], tmp_path: Path
 ) -> None:
     node = await make_node("solo")
-    s = await node.scrape()
+    s = await scrape(node)
     assert s['verdigris_gossip_sync_needs{kind="missing"}'] == 0
     assert s['verdigris_gossip_sync_needs{kind="partial"}'] == 0
     assert s["verdigris_gossip_gaps"] == 0
@@ -259,7 +206,7 @@ async def test_sync_needs_and_gaps_are_read_from_the_books(
         await node.threads.write(node.store.merge, other.changesets_for(other.site_id, 3, 3))
     finally:
         other.close()
-    s = await node.scrape()
+    s = await scrape(node)
     assert s['verdigris_gossip_sync_needs{kind="missing"}'] == 2
     assert s["verdigris_gossip_gaps"] == 1
 

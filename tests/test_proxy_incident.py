@@ -19,7 +19,6 @@ Every wait is bounded (``WAIT``); each test stops the proxy it started.
 
 from __future__ import annotations
 
-import http.client
 import json
 import re
 import subprocess
@@ -34,7 +33,7 @@ import pytest
 from _api_util import WAIT, free_port, write_config
 from _proxy_env import PLATFORM_SQL, VERDIGRIS, Agent, Proxy, Upstreams
 from test_proxy_metrics import poll, scrape, total
-from test_proxy_watchdog import log_events
+from test_proxy_watchdog import log_events, one_request, watched_proxy
 from verdigris.proxy.config import ProxyConfigError, parse_proxy_config
 from verdigris.proxy.table import IncidentRow
 
@@ -90,38 +89,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IncidentEnv]:
 
 def start_proxy(env: IncidentEnv, tmp: Path, x: str, extra: str) -> tuple[Proxy, int]:
     """A proxy (2 workers, metrics on, fault injection on) whose incident row is ``apps:incident-x``."""
-    port = free_port()
-    p = Proxy(
-        tmp,
-        env.agent.url,
-        name=f"proxy-{x}",
-        extra=(
-            f'metrics_listen = "127.0.0.1:{port}"\nprobe_interval = 0.25\nprobe_deadline = 1.0\n'
-            f'fault_injection = true\nstack_dir = "{tmp / "stacks"}"\n{extra}'
-            f'[proxy.fault]\nincident_row = "apps:incident-{x}"\n'
-        ),
+    return watched_proxy(
+        tmp, env.agent.url, f"proxy-{x}", f'{extra}[proxy.fault]\nincident_row = "apps:incident-{x}"\n'
     )
-    try:
-        p.wait_routes("web.test")
-        poll(port, lambda s: total(s, "verdigris_proxy_table_ready") == 2, "both workers ready")
-    except BaseException:
-        p.stop()
-        raise
-    return p, port
-
-
-def request(port: int, host: str, timeout: float = WAIT) -> str:
-    """A GET over a new connection: ``ok``, ``status N``, or the exception's name."""
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        c.request("GET", "/", headers={"Host": host})
-        r = c.getresponse()
-        r.read()
-        return "ok" if r.status == 200 else f"status {r.status}"
-    except (OSError, http.client.HTTPException) as e:
-        return type(e).__name__
-    finally:
-        c.close()
 
 
 class Load:
@@ -138,7 +108,7 @@ class Load:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            r = request(self.port, self.host)
+            r = one_request(self.port, self.host)
             with self._lock:
                 self.results.append(r)
                 self._lock.notify_all()
@@ -168,7 +138,7 @@ def pids(samples: dict[str, float]) -> tuple[float, float]:
 def test_project_lock_refuses_the_change_and_serving_goes_on(env: IncidentEnv, tmp_path: Path) -> None:
     p, port = start_proxy(env, tmp_path, "a", "")  # table_lock = "project" is the default
     try:
-        assert request(p.port, "incident-a.test") == "status 404"  # no apps row yet
+        assert one_request(p.port, "incident-a.test") == "status 404"  # no apps row yet
         before = pids(scrape(port))
         load = Load(p.port)
         env.trigger("a")
@@ -182,7 +152,7 @@ def test_project_lock_refuses_the_change_and_serving_goes_on(env: IncidentEnv, t
         results = load.stop()
         after = scrape(port)
         # the refused row is not in the table (the agent has it; the proxy refused both changes)
-        assert request(p.port, "incident-a.test") == "status 404"
+        assert one_request(p.port, "incident-a.test") == "status 404"
         assert total(after, "verdigris_proxy_probe_timeouts_total") == 0
         assert total(after, "verdigris_proxy_watchdog_restarts_total") == 0
         assert pids(after) == before
@@ -210,7 +180,7 @@ def test_plain_lock_every_worker_stalls_and_is_replaced(env: IncidentEnv, tmp_pa
     # workers forked from a preloaded fork server: the replacements start in a fraction of a second
     p, port = start_proxy(env, tmp_path, "b", 'table_lock = "plain"\n')
     try:
-        assert request(p.port, "incident-b.test") == "status 404"
+        assert one_request(p.port, "incident-b.test") == "status 404"
         before = scrape(port)
         old = pids(before)
         t0 = env.trigger("b")
@@ -221,7 +191,7 @@ def test_plain_lock_every_worker_stalls_and_is_replaced(env: IncidentEnv, tmp_pa
             futures: list[Future[tuple[str, float]]] = []
             for i in range(20):
                 threading.Event().wait(max(0.0, t0 + 0.3 + i * 0.05 - time.monotonic()))  # load pacing
-                futures.append(pool.submit(lambda: (request(p.port, "web.test"), time.monotonic())))
+                futures.append(pool.submit(lambda: (one_request(p.port, "web.test"), time.monotonic())))
             done = [f.result(timeout=2 * WAIT) for f in futures]
         after = poll(
             port,
@@ -271,7 +241,7 @@ def test_plain_lock_without_watchdog_stays_stuck(env: IncidentEnv, tmp_path: Pat
             ),
             "both workers stuck",
         )
-        assert request(p.port, "web.test", timeout=1.5) in ("TimeoutError", "timeout")  # nobody answers
+        assert one_request(p.port, "web.test", timeout=1.5) in ("TimeoutError", "timeout")  # nobody answers
         assert total(stuck, "verdigris_proxy_watchdog_restarts_total") == 0
         assert pids(stuck) == old
         assert p.proc.poll() is None

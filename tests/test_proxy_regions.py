@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 import verdigris.config
+from _api_util import wait_until
 from _proxy_env import VERDIGRIS, Proxy, Upstreams
 from test_cluster import free_port, new_key
 from test_regions import GLOBAL_CLUSTER_ID, REGIONAL_CLUSTER_IDS, RegionNode
@@ -35,17 +36,7 @@ APPS = [("web", "o"), ("bonly", "o")]
 
 
 def until(what: str, check: Callable[[], Any], timeout: float = WAIT) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-            if last:
-                return last
-        except OSError as e:
-            last = e
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}: {last!r}")
+    return wait_until(what, check, timeout)
 
 
 class RegionAgent:
@@ -99,26 +90,26 @@ class RegionAgent:
         self.log.close()
 
 
+REGION_TIMEOUTS = "connect = 1.0\nresponse = 5.0\nqueue = 0.4\ndrain = 2.0\n"
+
+
 class RegionProxy(Proxy):
-    def __init__(self, tmp: Path, agent_url: str, region: str) -> None:  # no super().__init__: another config
-        self.port = free_port()
+    """``verdigris proxy`` of one region (one worker, ``id = "proxy-<region>"``, metrics on); ``extra``:
+    more ``[proxy]`` lines (default: this module's peer token)."""
+
+    def __init__(
+        self, tmp: Path, agent_url: str, region: str, extra: str = f'peer_token = "{TOKEN}"\n'
+    ) -> None:
         self.region = region
         self.metrics_port = free_port()
-        self.config = tmp / f"proxy-{region}.toml"
-        self.config.write_text(
-            "[proxy]\n"
-            f'listen = "127.0.0.1:{self.port}"\n'
-            "workers = 1\n"
-            f'agent = "{agent_url}"\n'
-            f'region = "{region}"\n'
-            f'id = "proxy-{region}"\n'
-            f'peer_token = "{TOKEN}"\n'
-            f'metrics_listen = "127.0.0.1:{self.metrics_port}"\n'
-            "[proxy.timeouts]\nconnect = 1.0\nresponse = 5.0\nqueue = 0.4\ndrain = 2.0\n"
-        )
-        self.log = open(tmp / f"proxy-{region}.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [VERDIGRIS, "proxy", "-c", str(self.config)], stdout=self.log, stderr=subprocess.STDOUT
+        super().__init__(
+            tmp,
+            agent_url,
+            workers=1,
+            name=f"proxy-{region}",
+            region=region,
+            extra=f'id = "proxy-{region}"\n{extra}metrics_listen = "127.0.0.1:{self.metrics_port}"\n',
+            timeouts=REGION_TIMEOUTS,
         )
 
     def event(self, name: str) -> float:

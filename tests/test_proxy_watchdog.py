@@ -116,23 +116,35 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         e.close()
 
 
-@pytest.fixture(scope="module")
-def proxy(env: Env, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Proxy, int, Path]]:
+def watched_proxy(tmp: Path, agent_url: str, name: str, extra: str = "") -> tuple[Proxy, int]:
+    """A proxy (2 workers, metrics on, a fast watchdog, fault injection on, stack files in ``tmp/stacks``)
+    routing ``web.test`` with both workers ready; its metrics port. ``extra``: more ``[proxy]`` keys (or
+    sections after them)."""
     port = free_port()
-    tmp = tmp_path_factory.mktemp("watchdog-proxy")
-    stacks = tmp / "stacks"
     p = Proxy(
         tmp,
-        env.agent.url,
-        name="wproxy",
+        agent_url,
+        name=name,
         extra=(
             f'metrics_listen = "127.0.0.1:{port}"\nprobe_interval = 0.25\nprobe_deadline = 1.0\n'
-            f'fault_injection = true\nstack_dir = "{stacks}"\n'
+            f'fault_injection = true\nstack_dir = "{tmp / "stacks"}"\n{extra}'
         ),
     )
     try:
         p.wait_routes("web.test")
         poll(port, lambda s: total(s, "verdigris_proxy_table_ready") == 2, "both workers ready")
+    except BaseException:
+        p.stop()
+        raise
+    return p, port
+
+
+@pytest.fixture(scope="module")
+def proxy(env: Env, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Proxy, int, Path]]:
+    tmp = tmp_path_factory.mktemp("watchdog-proxy")
+    stacks = tmp / "stacks"
+    p, port = watched_proxy(tmp, env.agent.url, "wproxy")
+    try:
         yield p, port, stacks
     finally:
         assert p.stop() == 0
@@ -155,11 +167,11 @@ def log_events(p: Proxy, event: str) -> list[dict[str, str]]:
     return out
 
 
-def one_request(port: int) -> str:
-    """A GET over a new connection: ``ok``, or what went wrong."""
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT)
+def one_request(port: int, host: str = "web.test", timeout: float = WAIT) -> str:
+    """A GET over a new connection: ``ok``, ``status N``, or the exception's name."""
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        c.request("GET", "/", headers={"Host": "web.test"})
+        c.request("GET", "/", headers={"Host": host})
         r = c.getresponse()
         r.read()
         return "ok" if r.status == 200 else f"status {r.status}"

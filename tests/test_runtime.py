@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import os
 import socket
@@ -14,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from verdigris.admin import parse_command
 from verdigris.api.threads import StoreThreads
@@ -270,31 +272,46 @@ class Node:
     store: Store
     threads: StoreThreads
     runtime: GossipRuntime
+    registry: CollectorRegistry | None = None
+    """Where the runtime's metrics are (made with ``metrics=True``)."""
 
     async def write(self, k: str, v: int) -> None:
         await self.threads.write(
-            self.store.transact, [Statement("INSERT INTO kv (k, v) VALUES (?, ?)", [k, v])]
+            self.store.transact,
+            [
+                Statement(
+                    "INSERT INTO kv (k, v) VALUES (?, ?) ON CONFLICT (k) DO UPDATE SET v = excluded.v", [k, v]
+                )
+            ],
         )
 
     async def rows(self) -> list[tuple[object, ...]]:
         return await self.threads.write(self.store.rows, "kv")
 
 
-FAST = dataclasses.replace(
+QUICK = dataclasses.replace(
     RuntimeSettings.for_profile("lan"),
     io_timeout=0.5,
     sync=SyncConfig(request_timeout=0.5),
-    max_server_sessions=2,
     sync_min_interval=0.2,
     sync_max_interval=0.5,
 )
+"""The LAN profile with timeouts and sync intervals short enough for tests."""
+FAST = dataclasses.replace(QUICK, max_server_sessions=2)
 
 
-@pytest.fixture
-async def make_node(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Node]]]:
+@contextlib.asynccontextmanager
+async def runtime_nodes(
+    tmp_path: Path, settings: RuntimeSettings = FAST
+) -> AsyncIterator[Callable[..., Awaitable[Node]]]:
+    """``make(name, bootstrap=(), metrics=False, **gossip_config)`` starts a gossip runtime on 127.0.0.1
+    over a store of its own (``kv``; plaintext and fault injection unless ``gossip_config`` says
+    otherwise; with ``metrics``, its metrics in a registry of its own); every one is stopped at the end."""
     nodes: list[Node] = []
 
-    async def make(name: str, bootstrap: tuple[Addr, ...] = (), **config: object) -> Node:
+    async def make(
+        name: str, bootstrap: tuple[Addr, ...] = (), metrics: bool = False, **config: object
+    ) -> Node:
         writer = ThreadPoolExecutor(max_workers=1)
         store = Store(tmp_path / name / "state.db", schema_sql=SCHEMA)
         threads = StoreThreads(store, writer=writer, readers=1)
@@ -303,6 +320,7 @@ async def make_node(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Nod
         )
         cfg = dataclasses.replace(cfg, **config)  # type: ignore[arg-type]
         keyring = None if cfg.plaintext else Keyring([cfg.key or key()])
+        registry = CollectorRegistry() if metrics else None
         runtime = GossipRuntime(
             store=store,
             threads=threads,
@@ -310,10 +328,11 @@ async def make_node(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Nod
             keyring=keyring,
             keyring_path=tmp_path / name / "keyring.json",
             peers_file=peers_path(store.path),
-            settings=FAST,
+            settings=settings,
+            registry=registry,
         )
         await runtime.start()
-        node = Node(store, threads, runtime)
+        node = Node(store, threads, runtime, registry)
         nodes.append(node)
         return node
 
@@ -323,8 +342,14 @@ async def make_node(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Nod
         for node in nodes:
             await node.runtime.stop()
             await asyncio.to_thread(node.threads.close)
-            node.threads.writer.submit(node.store.close).result()
+            node.threads.writer.submit(node.store.close).result(WAIT)
             node.threads.writer.shutdown()
+
+
+@pytest.fixture
+async def make_node(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Node]]]:
+    async with runtime_nodes(tmp_path) as make:
+        yield make
 
 
 def gossip_addr(node: Node) -> Addr:

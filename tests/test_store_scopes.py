@@ -75,6 +75,7 @@ def test_platform_schema_scopes() -> None:
         "checks": "regional",
         "proxies": "global",
         "region_rtt": "global",
+        "machine_agents": "global",
     }
 
 

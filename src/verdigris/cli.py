@@ -12,7 +12,7 @@ import json
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import aiohttp
 import click
@@ -48,6 +48,18 @@ def _load(config_path: str) -> Config:
         return load_config(config_path)
     except ConfigError as e:
         raise BadConfig(str(e)) from None
+
+
+def _serve(
+    load: Callable[[str], T], errors: type[Exception], serve: Callable[[T], int], config_path: str
+) -> NoReturn:
+    """Load a service's config (``errors``: a bad config, exit status 2), then run the service until it
+    stops and exit with its status."""
+    try:
+        config = load(config_path)
+    except errors as e:
+        raise BadConfig(str(e)) from None
+    sys.exit(serve(config))
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
@@ -363,11 +375,7 @@ def proxy(config_path: str) -> None:
     from verdigris.proxy.config import ProxyConfigError, load_proxy_config
     from verdigris.proxy.worker import run_proxy
 
-    try:
-        config = load_proxy_config(config_path)
-    except ProxyConfigError as e:
-        raise BadConfig(str(e)) from None
-    sys.exit(run_proxy(config))
+    _serve(load_proxy_config, ProxyConfigError, run_proxy, config_path)
 
 
 @main.command(context_settings=CONTEXT_SETTINGS)
@@ -390,11 +398,7 @@ def machines(config_path: str) -> None:
     from verdigris.machines.config import MachinesConfigError, load_machines_config
     from verdigris.machines.service import run_machines
 
-    try:
-        config = load_machines_config(config_path)
-    except MachinesConfigError as e:
-        raise BadConfig(str(e)) from None
-    sys.exit(run_machines(config))
+    _serve(load_machines_config, MachinesConfigError, run_machines, config_path)
 
 
 @main.command(context_settings=CONTEXT_SETTINGS)

@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
@@ -351,33 +351,32 @@ def _proxy(s: Scrape, th: Thresholds) -> tuple[list[Finding], list[Finding], lis
 
 def _agent(s: Scrape, th: Thresholds) -> tuple[list[Finding], list[Finding], list[str]]:
     """(agent stall findings, gossip findings, healthy notes) of one agent's two scrapes."""
-    stall: list[Finding] = []
     gossip: list[Finding] = []
     a = s.after
     window = f"in the last {s.seconds:.0f} s"
-    for (component, cause), n in sorted(
-        s.deltas("verdigris_watchdog_restarts_total", ["component", "cause"]).items()
-    ):
-        if n > 0:
-            stall.append(
-                Finding(
-                    AGENT_STALL,
-                    s.url,
-                    f"{component} restarted by its watchdog {n:.0f} time(s) {window} (stalled: {cause})",
-                )
-            )
+
+    def watchdog_findings(metric: str, text: Callable[[str, str, float], str]) -> list[Finding]:
+        """One finding per (component, cause) whose counter ``metric`` grew in the window."""
+        deltas = s.deltas(metric, ["component", "cause"])
+        return [
+            Finding(AGENT_STALL, s.url, text(component, cause, n))
+            for (component, cause), n in sorted(deltas.items())
+            if n > 0
+        ]
+
+    stall = watchdog_findings(
+        "verdigris_watchdog_restarts_total",
+        lambda component, cause, n: (
+            f"{component} restarted by its watchdog {n:.0f} time(s) {window} (stalled: {cause})"
+        ),
+    )
     if not stall:
-        for (component, cause), n in sorted(
-            s.deltas("verdigris_watchdog_probe_timeouts_total", ["component", "cause"]).items()
-        ):
-            if n > 0:
-                stall.append(
-                    Finding(
-                        AGENT_STALL,
-                        s.url,
-                        f"{component} watchdog: {n:.0f} {cause} probe(s) missed their deadline {window}",
-                    )
-                )
+        stall = watchdog_findings(
+            "verdigris_watchdog_probe_timeouts_total",
+            lambda component, cause, n: (
+                f"{component} watchdog: {n:.0f} {cause} probe(s) missed their deadline {window}"
+            ),
+        )
     for lab, lag in a.get("verdigris_loop_lag_seconds"):
         if lag >= th.loop_lag:
             stall.append(
