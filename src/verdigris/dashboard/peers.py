@@ -17,6 +17,8 @@ from typing import Any
 
 import aiohttp
 
+from verdigris.watchdog.rwlock import AsyncRWLock
+
 
 class PeerReplication:
     """Fetches the region's other agents' replication documents; see the module docstring."""
@@ -27,7 +29,8 @@ class PeerReplication:
         self.cache_seconds = cache_seconds
         self._session: aiohttp.ClientSession | None = None
         self._cached: tuple[float, tuple[str, ...], list[dict[str, Any]]] | None = None
-        self._lock = asyncio.Lock()
+        # one fetch at a time, the others wait for its result (bounded: a fetch is bounded by its timeout)
+        self._lock = AsyncRWLock("dashboard peer agents cache", timeout=3 * timeout + 1)
 
     async def close(self) -> None:
         if self._session is not None:
@@ -39,7 +42,7 @@ class PeerReplication:
         key = tuple(sorted(apis))
         if not key:
             return []
-        async with self._lock:
+        async with self._lock.write():
             cached = self._cached
             if cached is not None and cached[1] == key and time.monotonic() - cached[0] < self.cache_seconds:
                 return cached[2]

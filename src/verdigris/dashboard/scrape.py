@@ -31,6 +31,8 @@ from typing import Any, Final
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from verdigris.watchdog.rwlock import AsyncRWLock
+
 P: Final = "verdigris_proxy_"
 ERROR_STATUS: Final = "5xx"
 
@@ -180,7 +182,8 @@ class ProxyScraper:
         self._session: aiohttp.ClientSession | None = None
         self._history: dict[str, _History] = {}
         self._cached: tuple[float, tuple[ProxyTarget, ...], list[ProxyState]] | None = None
-        self._lock = asyncio.Lock()
+        # one fetch at a time, the others wait for its result (bounded: a fetch is bounded by its timeout)
+        self._lock = AsyncRWLock("dashboard proxy scrape cache", timeout=3 * timeout + 1)
 
     async def close(self) -> None:
         if self._session is not None:
@@ -191,7 +194,7 @@ class ProxyScraper:
         """Every target's state: from the cache when the same targets were scraped less than
         ``cache_seconds`` ago, else scraped now (concurrent callers share one scrape)."""
         key = tuple(sorted(targets, key=lambda t: t.id))
-        async with self._lock:
+        async with self._lock.write():
             cached = self._cached
             now = time.monotonic()
             if cached is not None and cached[1] == key and now - cached[0] < self.cache_seconds:
