@@ -121,6 +121,8 @@ def parse_routing_headers(
         if key in found:
             return Reject(400, ErrorCode.BAD_ROUTING_HEADER, f"{key} given more than once")
         found[key] = value.strip(" \t")
+    if not found and may_forward:
+        return DEFAULT_REQUEST  # the usual request (immutable: no new object per request)
     regions: tuple[str, ...] = (ANY_REGION,)
     for key, strict in ((FORCE_REGION_HEADER, True), (PREFER_REGION_HEADER, False)):
         value = found.get(key, "").lower()

@@ -589,6 +589,8 @@ class Replay:
 
 
 SessionDecision: TypeAlias = Deliver | ReadReplayBody | Replay | Reject
+_DELIVER: Final = Deliver()
+"""The one :class:`Deliver` (immutable, no fields): not a new object per response."""
 
 
 @dataclass
@@ -644,7 +646,7 @@ class ReplaySession:
         if not replay_values:
             if len(content_types) == 1 and is_replay_content_type(content_types[0]):
                 return self._gate(responder) or ReadReplayBody(MAX_REPLAY_JSON)
-            return Deliver()
+            return _DELIVER
         gate = self._gate(responder)
         if gate is not None:
             return gate

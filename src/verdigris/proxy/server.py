@@ -24,6 +24,7 @@ import httptools
 
 from verdigris.proxy.balance import (
     ANY_REGION,
+    ROUTING_HEADERS,
     Balancer,
     Forward,
     LoadTracker,
@@ -69,6 +70,8 @@ HOP_BY_HOP: Final = frozenset(
 """Headers never passed on as is (framing is re-created for each side)."""
 BODY_BUFFER_HIGH: Final = 256 * 1024
 """Bytes of a client's request body queued before the socket stops being read (backpressure)."""
+SEND_JOIN_MAX: Final = 4096
+"""Bytes up to which the pieces of a response are joined before one ``write``; larger: ``writelines``."""
 RELEASE_POLL: Final = 0.005
 """Seconds between looks at the other workers' releases while requests wait for a slot."""
 RELEASE_POLLS_FORCED: Final = 20
@@ -344,8 +347,11 @@ class ClientConnection(asyncio.Protocol):
         assert self.loop is not None
         deadline = self.loop.time() + delay
         self._deadline, self._why = deadline, why
-        if self._timer is not None:
-            self._timer.cancel()
+        timer = self._timer
+        if timer is not None:
+            if timer.when() <= deadline:
+                return  # it fires first and re-arms for the deadline (no new timer per request)
+            timer.cancel()
         self._timer = self.loop.call_at(deadline, self._fire)
 
     def _disarm(self) -> None:
@@ -422,6 +428,18 @@ class ClientConnection(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:
             self.transport.write(data)
+
+    def send(self, parts: list[bytes]) -> None:
+        """``parts`` in one system call: joined when small, else handed over as they are (``writev``:
+        a large body is not copied once more into a joined buffer)."""
+        if self.transport is None or self.closed:
+            return
+        if len(parts) == 1:
+            self.transport.write(parts[0])
+        elif sum(map(len, parts)) < SEND_JOIN_MAX:
+            self.transport.write(b"".join(parts))
+        else:
+            self.transport.writelines(parts)
 
     @property
     def write_blocked(self) -> bool:
@@ -513,6 +531,8 @@ class ClientConnection(asyncio.Protocol):
 
 _SESSION_HEADERS: Final = frozenset({REPLAY_HEADER.encode(), b"content-type"})
 """The response headers :meth:`ReplaySession.response` looks at."""
+_SESSION_LENGTHS: Final = frozenset(len(n) for n in _SESSION_HEADERS)
+"""Their lengths: most headers are passed over without a ``lower()``."""
 _REASONS: Final = {s.value: s.phrase.encode() for s in http.HTTPStatus}
 
 
@@ -577,6 +597,9 @@ class Worker:
         self._rid_name = h.request_id.encode() + b": "
         self._client_ip_name = h.client_ip.encode() + b": "
         self._region_line = h.region.encode() + b": " + config.region.encode()
+        self._routing_names = frozenset(n.encode() for n in ROUTING_HEADERS)
+        self._ready = False
+        self._responders: dict[tuple[str, str, str], Responder] = {}
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -623,6 +646,21 @@ class Worker:
         if close:
             lines.append(b"connection: close")
         return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+    def _responder(self, inst: Instance) -> Responder:
+        """The (immutable) :class:`Responder` of a local instance, made once per instance."""
+        key = (inst.id, inst.app, inst.region)
+        r = self._responders.get(key)
+        if r is None:
+            if len(self._responders) >= 4096:
+                self._responders.clear()
+            r = self._responders[key] = Responder(inst.id, inst.app, inst.region)
+        return r
+
+    def _table_ready(self) -> bool:
+        """``table.ready``, remembered once true (it never goes back: snapshots only replace snapshots)."""
+        self._ready = self.table.ready
+        return self._ready
 
     def _next_rid(self) -> str:
         self._rid += 1
@@ -781,13 +819,15 @@ class Worker:
         self.count("requests")
         hosts = [v for n, v in req.headers if n == b"host"]
         result: Reject | None = None
-        if not self.table.ready:
+        if not self._ready and not self._table_ready():
             result = Reject(503, ErrorCode.NOT_READY, "the proxy has not received its routing state yet")
         elif len(hosts) != 1:
             result = Reject(400, ErrorCode.BAD_HOST, "the request needs exactly one Host header")
         if result is None:
             req.host = hosts[0].decode("latin-1")
-            str_headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in req.headers]
+            # only the routing headers are read as text (names are lower case: see on_header)
+            routing = self._routing_names
+            str_headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in req.headers if n in routing]
             route = self.forwarder.route_request(req, str_headers)
             if isinstance(route, Reject):
                 result = route
@@ -880,7 +920,7 @@ class Worker:
                     self.release(slot)
                     raise
                 else:
-                    responder = Responder(inst.id, inst.app, inst.region)
+                    responder = self._responder(inst)
                 first = False
             if failure is not None:
                 if session.replays == 0:
@@ -901,7 +941,7 @@ class Worker:
                 str_resp = [
                     (n.decode("latin-1"), v.decode("latin-1"))
                     for n, v in headers
-                    if n.lower() in _SESSION_HEADERS
+                    if len(n) in _SESSION_LENGTHS and n.lower() in _SESSION_HEADERS
                 ]
                 verdict = session.response(str_resp, responder, now_us=time.time_ns() // 1000)
                 if isinstance(verdict, ReadReplayBody):
@@ -1076,7 +1116,7 @@ class Worker:
         """Write ``head`` and the request body on ``conn``, then read the response head. The body comes
         from the client when ``from_client`` (kept in ``buffer`` while replayable), else from ``buffer``
         (to an instance or to a peer proxy alike)."""
-        conn.writer.write(head)
+        conn.write(head)
         if req.has_body:
             if from_client:
                 async for chunk in client.body(req):
@@ -1091,10 +1131,10 @@ class Worker:
             else:
                 raise UpstreamError("bad_response", "the request body cannot be sent again", sent=True)
             if req.chunked:
-                conn.writer.write(b"0\r\n\r\n")
+                conn.write(b"0\r\n\r\n")
         elif first:
             req.body_done = req.body_done or self._pop_end(client)
-        await conn.writer.drain()
+        await conn.drain()
         return await conn.read_head(self.config.timeouts.response)
 
     def _response_seen(self, inst: Instance, status: int) -> None:
@@ -1113,10 +1153,10 @@ class Worker:
     @staticmethod
     async def _send_chunk(conn: UpstreamConn, req: Request, chunk: bytes) -> None:
         if req.chunked:
-            conn.writer.write(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+            conn.write(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
         else:
-            conn.writer.write(chunk)
-        await conn.writer.drain()
+            conn.write(chunk)
+        await conn.drain()
 
     async def _discard(self, conn: UpstreamConn) -> None:
         try:
@@ -1137,24 +1177,31 @@ class Worker:
         head_only = req.method == b"HEAD"
         no_body = head_only or status in (204, 304) or 100 <= status < 200
         length: bytes | None = None
-        drop = self._drop_response  # copied only when a Connection header adds to it
+        drop = self._drop_response
         if req.forwarded:  # to a peer: fly-replay passed back (the edge replays), ours dropped
             drop = HOP_BY_HOP | PEER_RESPONSE_HEADERS
-        for name, value in headers:
-            low = name.lower()
-            if low == b"content-length":
-                length = value.strip()
-            elif low == b"connection":
-                drop = drop | {t.strip().lower() for t in value.split(b",")}
         http11 = req.version == "1.1"
         out = [b"HTTP/1.1 %d %s" % (status, _reason(status))]
         via = self.via
-        for name, value in headers:
+        kept: list[bytes] = []  # the lower-case names of the lines in ``out`` after the status line
+        named: set[bytes] | None = None  # what Connection headers name
+        for name, value in headers:  # one pass; what a Connection header names is taken out after
             low = name.lower()
-            if low == b"via":
+            if low in drop:
+                if low == b"content-length":
+                    length = value.strip()
+                elif low == b"connection":
+                    if named is None and value.strip().lower() == b"keep-alive":
+                        continue  # the usual value: names nothing beyond the hop-by-hop headers
+                    tokens = {t.strip().lower() for t in value.split(b",")}
+                    named = tokens if named is None else named | tokens
+            elif low == b"via":
                 via = value + b", " + self.via
-            elif low not in drop:
+            else:
                 out.append(name + b": " + value)
+                kept.append(low)
+        if named is not None and not named <= drop:  # names beyond the hop-by-hop ones
+            out[1:] = [line for line, low in zip(out[1:], kept, strict=True) if low not in named]
         chunked = False
         if length is not None:
             out.append(b"content-length: " + length)
@@ -1177,11 +1224,13 @@ class Worker:
         body = conn.complete_body(head_only=head_only)
         if body is not None:  # the whole response is here: no async generator, one write
             if chunked:
-                pending += [b"%x\r\n%b\r\n" % (len(c), c) for c in body if c]
+                for c in body:
+                    if c:
+                        pending += (b"%x\r\n" % len(c), c, b"\r\n")
                 pending.append(b"0\r\n\r\n")
             else:
                 pending += body
-            client.write(b"".join(pending))
+            client.send(pending)
             self.pool.release(conn)
             if body:
                 await client.drain()
@@ -1190,10 +1239,13 @@ class Worker:
         try:
             async for chunk in conn.body(self.config.timeouts.response, head_only=head_only):
                 if chunk:
-                    pending.append(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+                    if chunked:
+                        pending += (b"%x\r\n" % len(chunk), chunk, b"\r\n")
+                    else:
+                        pending.append(chunk)
                     wrote_body = True
                 if not conn.done:  # more to wait for: send what is here first
-                    client.write(b"".join(pending))
+                    client.send(pending)
                     pending.clear()
                     await client.drain()
         except UpstreamError as e:
@@ -1209,7 +1261,7 @@ class Worker:
         if chunked:
             pending.append(b"0\r\n\r\n")
         if pending:
-            client.write(b"".join(pending))
+            client.send(pending)
         self.pool.release(conn)
         if wrote_body:
             await client.drain()
@@ -1276,8 +1328,8 @@ class Worker:
             conn.start_exchange()
             conn.reusable = False
             try:
-                conn.writer.write(data)
-                await conn.writer.drain()
+                conn.write(data)
+                await conn.drain()
                 headers = await conn.read_head(self.config.timeouts.response)
             except (ConnectionError, OSError) as e:
                 conn.close()
@@ -1330,7 +1382,7 @@ class Worker:
         async def to_client() -> None:
             nonlocal last
             while True:
-                data = await conn.reader.read(65536)
+                data = await conn.read_tunnel()
                 if not data:
                     return
                 last = loop.time()
@@ -1345,9 +1397,9 @@ class Worker:
                     return
                 if isinstance(value, bytes):
                     last = loop.time()
-                    conn.writer.write(value)
+                    conn.write(value)
                     async with asyncio.timeout(tmo.send):
-                        await conn.writer.drain()
+                        await conn.drain()
 
         tasks = {loop.create_task(to_client()), loop.create_task(to_upstream())}
         try:

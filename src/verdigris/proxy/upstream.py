@@ -1,5 +1,9 @@
 """Connections to instances: a bounded pool of idle keep-alive connections per instance, and the reading
-of one HTTP/1.1 response with ``httptools`` (head first, then the body as it arrives)."""
+of one HTTP/1.1 response with ``httptools`` (head first, then the body as it arrives).
+
+:class:`UpstreamConn` is the connection's asyncio Protocol itself (no streams): the bytes an instance
+sends are fed to the response parser as they arrive (``data_received``), and the request's task waits on
+one future only when what it needs (the head, more body, the end) has not arrived yet."""
 
 from __future__ import annotations
 
@@ -15,6 +19,9 @@ POOL_IDLE_TIMEOUT: Final = 4.0
 really ends up with no connection (the machines agent's autostop looks for established connections,
 docs/machines.md), and kept below the usual server-side keep-alive timeouts (5 s and up), so that a
 connection the instance is about to close is rarely reused."""
+READ_BUFFER_HIGH: Final = 256 * 1024
+"""Bytes of a response body (or tunnel) received and not yet taken before the instance stops being read
+(backpressure: the client is slower than the instance)."""
 
 
 class UpstreamError(Exception):
@@ -27,44 +34,77 @@ class UpstreamError(Exception):
         """False when nothing of the request may have reached the instance (safe to retry)."""
 
 
-class UpstreamConn:
-    """One connection to an instance, with a response parser per exchange."""
+class UpstreamConn(asyncio.Protocol):
+    """One connection to an instance (its asyncio Protocol), with a response parser per exchange."""
 
     __slots__ = (
         "_body",
+        "_buffered",
+        "_can_write",
+        "_clean",
+        "_deadline",
         "_done",
+        "_eof",
+        "_error",
         "_expired",
+        "_got_any",
         "_head_done",
         "_headers",
         "_loop",
+        "_lost",
         "_parser",
+        "_paused",
+        "_stray",
+        "_timer",
+        "_tunnel",
         "_until_close",
+        "_upgraded",
+        "_waiter",
         "home",
         "idle_since",
         "instance_id",
         "keep_alive",
-        "reader",
         "reusable",
         "reused",
         "status",
+        "transport",
         "tunnel_data",
-        "writer",
     )
 
-    def __init__(self, instance_id: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, instance_id: str, loop: asyncio.AbstractEventLoop) -> None:
         self.instance_id = instance_id
-        self.reader = reader
-        self.writer = writer
+        self.transport: asyncio.Transport | None = None
         self.reused = False
         self.keep_alive = False
         self.status = 0
         self._headers: list[tuple[bytes, bytes]] = []
         self._body: list[bytes] = []
+        self._buffered = 0
+        """Bytes in ``_body`` / ``_tunnel`` (reading pauses over ``READ_BUFFER_HIGH``)."""
+        self._paused = False
+        self._clean = False
+        """The last exchange's answer ended where the parser found its end: the parser is reusable."""
         self._head_done = False
         self._done = False
         self._until_close = False
+        self._got_any = False
+        """Bytes of this exchange's answer have arrived."""
+        self._stray = False
+        """Bytes arrived that no request asked for (after a complete answer): never reused."""
+        self._eof = False
+        self._error: UpstreamError | None = None
+        self._lost: OSError | None = None
+        """Set once the connection is gone: what ``drain`` raises."""
+        self._upgraded = False
+        """A ``101`` head has been parsed: the bytes that follow are the tunnel's (``_tunnel``)."""
+        self._tunnel: list[bytes] = []
         self._parser = httptools.HttpResponseParser(self)
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._waiter: asyncio.Future[None] | None = None
+        self._can_write: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._deadline: float | None = None
+        """When the current wait expires (None: no wait armed; ``_timer`` may still be pending)."""
         self._expired = False
         self.idle_since = 0.0
         """Loop time it was put back in the pool (idle connections older than the pool's bound are closed)."""
@@ -76,13 +116,74 @@ class UpstreamConn:
         """A dedicated connection's owner (a client connection of a ``connections`` app):
         :meth:`UpstreamPool.release` gives it back there, not to the pool, when it may be reused."""
 
-    # httptools callbacks
+    # ---------------------------------------------------------------------------- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not an asyncio.Transport
+
+    def data_received(self, data: bytes) -> None:
+        if self._upgraded:
+            self._tunnel.append(data)
+            self._took(len(data))
+        elif self._done or self._error is not None:
+            self._stray = True  # nobody asked for these bytes (or the answer is already broken)
+        else:
+            self._got_any = True
+            try:
+                self._parser.feed_data(data)
+            except httptools.HttpParserUpgrade as e:  # a 101 head: what follows is not HTTP any more
+                self._upgraded = True
+                self.tunnel_data = data[e.args[0] :]
+            except httptools.HttpParserError as e:
+                self._error = UpstreamError(
+                    "bad_response", f"instance {self.instance_id} sent invalid HTTP: {e}"
+                )
+            if self._buffered > READ_BUFFER_HIGH:
+                self._pause()
+        self._wake()
+
+    def eof_received(self) -> bool | None:
+        self._eof_seen()
+        return True  # half-closed: the answer may still be read (closed by whoever holds it)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = exc if isinstance(exc, OSError) else ConnectionResetError("Connection lost")
+        if exc is not None and self._error is None and not self._done and not self._expired:
+            self._error = UpstreamError("bad_response", f"instance {self.instance_id}: {exc}")
+        self._eof_seen()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        w = self._can_write
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def pause_writing(self) -> None:
+        if self._can_write is None or self._can_write.done():
+            self._can_write = self._loop.create_future()
+
+    def resume_writing(self) -> None:
+        w = self._can_write
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    # ---------------------------------------------------------------------------- httptools callbacks
+
+    def on_message_begin(self) -> None:
+        if self._done:
+            self._stray = True  # a second answer in the same read: never asked for
+
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
+        if not self._stray:
+            self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        if self._stray:
+            return
         self._head_done = True
-        self.status = self._parser.get_status_code()
+        self.status = status = self._parser.get_status_code()
+        if status == 101:
+            self._upgraded = True
         self._until_close = True
         for n, _ in self._headers:
             low = n.lower()
@@ -91,11 +192,116 @@ class UpstreamConn:
                 break
 
     def on_body(self, body: bytes) -> None:
-        self._body.append(body)
+        if not self._stray:
+            self._body.append(body)
+            self._buffered += len(body)
 
     def on_message_complete(self) -> None:
-        self._done = True
-        self.keep_alive = self._parser.should_keep_alive()
+        if not self._stray:
+            self._done = True
+            self.keep_alive = self._parser.should_keep_alive()
+            # the parser itself found the end (not a HEAD answer's head, a 1xx...): it can parse the
+            # next answer on this connection as it is
+            self._clean = self._head_done and self.status >= 200 and not self._upgraded
+
+    # ---------------------------------------------------------------------------- plumbing
+
+    def _eof_seen(self) -> None:
+        if self._eof:
+            return
+        self._eof = True
+        if self._head_done and not self._done and self._until_close and self._error is None:
+            self._done = True  # EOF ends a close-delimited body
+            self.keep_alive = False
+        self._wake()
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None:
+            self._waiter = None
+            if not w.done():
+                w.set_result(None)
+
+    def _took(self, n: int) -> None:
+        self._buffered += n
+        if self._buffered > READ_BUFFER_HIGH:
+            self._pause()
+
+    def _pause(self) -> None:
+        if not self._paused and self.transport is not None and not self._eof:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def _taken(self) -> None:
+        self._buffered = 0
+        if self._paused:
+            self._paused = False
+            if self.transport is not None and not self._eof:
+                self.transport.resume_reading()
+
+    async def _wait(self, timeout: float) -> None:
+        """Until something arrives (bytes, the end, an error) or ``timeout``: then the connection is
+        aborted and :class:`UpstreamError` ``timeout`` raised."""
+        loop = self._loop
+        # one timer per connection, re-armed lazily (a timer per read costs a TimerHandle and a cancel)
+        self._deadline = deadline = loop.time() + timeout
+        timer = self._timer
+        if timer is None or timer.when() > deadline:
+            if timer is not None:
+                timer.cancel()
+            self._timer = loop.call_at(deadline, self._fire)
+        self._waiter = waiter = loop.create_future()
+        try:
+            await waiter
+        finally:
+            self._deadline = None
+            self._waiter = None
+        if self._expired:
+            raise self._timeout()
+
+    def _fire(self) -> None:
+        self._timer = None
+        deadline = self._deadline
+        if deadline is None or self._eof:
+            return
+        if self._loop.time() < deadline:
+            self._timer = self._loop.call_at(deadline, self._fire)
+            return
+        self._expired = True
+        if self.transport is not None:
+            self.transport.abort()  # never used again
+        self._wake()
+
+    def _timeout(self) -> UpstreamError:
+        return UpstreamError("timeout", f"instance {self.instance_id} did not answer in time")
+
+    # ---------------------------------------------------------------------------- the exchange
+
+    @property
+    def writer(self) -> UpstreamConn:
+        """The writing side (``write`` / ``drain`` / ``close``): the connection itself."""
+        return self
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    @property
+    def write_paused(self) -> bool:
+        return self._can_write is not None and not self._can_write.done()
+
+    async def drain(self) -> None:
+        """Until the instance's socket takes more. Like ``StreamWriter.drain``: the error the connection
+        was lost with, or ``ConnectionResetError`` once it is lost."""
+        if self._lost is not None:
+            raise self._lost
+        if self.transport is not None and self.transport.is_closing():
+            await asyncio.sleep(0)  # connection_lost may be due
+        w = self._can_write
+        if w is not None and not w.done():
+            await w
+        if self._lost is not None:
+            raise self._lost
 
     @property
     def done(self) -> bool:
@@ -104,60 +310,26 @@ class UpstreamConn:
 
     @property
     def usable(self) -> bool:
-        # bytes already waiting on an idle connection were never asked for (a stray second response):
+        # bytes that arrived on an idle connection were never asked for (a stray second response):
         # reading them as the next request's answer would hand one client another's response
+        t = self.transport
         return (
-            not self.writer.is_closing()
-            and not self.reader.at_eof()
-            and not getattr(self.reader, "_buffer", b"")
+            t is not None
+            and not t.is_closing()
+            and not self._eof
+            and not self._stray
+            and not self._upgraded  # a 101 answer: no more HTTP on it
         )
 
     def start_exchange(self) -> None:
-        self._parser = httptools.HttpResponseParser(self)
+        if not self._clean:  # else the parser ended a message and waits for the next: kept
+            self._parser = httptools.HttpResponseParser(self)
+        self._clean = False
         self._headers, self._body = [], []
-        self._head_done = self._done = self._until_close = False
+        self._buffered = 0
+        self._head_done = self._done = self._until_close = self._got_any = False
         self.status = 0
         self.keep_alive = False
-
-    def _expire(self) -> None:
-        self._expired = True
-        self.writer.transport.abort()  # the pending read ends (the connection is never used again)
-
-    async def _feed(self, timeout: float) -> bool:
-        reader = self.reader
-        expiry = None
-        if not getattr(reader, "_buffer", b""):
-            # a plain timer that aborts the connection: wait_for / asyncio.timeout cost a task or two
-            # getpid syscalls per read on 3.11
-            expiry = self._loop.call_later(timeout, self._expire)
-        try:
-            data = await reader.read(65536)
-        except OSError as e:
-            if self._expired:
-                raise self._timeout() from None
-            raise UpstreamError("bad_response", f"instance {self.instance_id}: {e}") from None
-        finally:
-            if expiry is not None:
-                expiry.cancel()
-        if self._expired:
-            raise self._timeout()
-        if not data:
-            if self._head_done and not self._done and self._until_close:
-                self._done = True  # EOF ends a close-delimited body
-                self.keep_alive = False
-            return False
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as e:  # a 101 head: what follows is not HTTP any more
-            self.tunnel_data = data[e.args[0] :]
-        except httptools.HttpParserError as e:
-            raise UpstreamError(
-                "bad_response", f"instance {self.instance_id} sent invalid HTTP: {e}"
-            ) from None
-        return True
-
-    def _timeout(self) -> UpstreamError:
-        return UpstreamError("timeout", f"instance {self.instance_id} did not answer in time")
 
     def complete_body(self, *, head_only: bool = False) -> list[bytes] | None:
         """The whole body when it has already arrived (the exchange is then complete), else None (read
@@ -166,21 +338,25 @@ class UpstreamConn:
             self.keep_alive = self.keep_alive and self._done
             self._done = True
             return []
-        if not self._done:
+        if not self._done or self._error is not None:
             return None
         chunks, self._body = self._body, []
+        self._taken()
         return chunks
 
     async def read_head(self, timeout: float) -> list[tuple[bytes, bytes]]:
-        got_any = False
         while not self._head_done:
-            if not await self._feed(timeout):
+            if self._error is not None:
+                raise self._error
+            if self._expired:
+                raise self._timeout()
+            if self._eof:
                 raise UpstreamError(
                     "bad_response",
                     f"instance {self.instance_id} closed the connection before answering",
-                    sent=got_any or not self.reused,
+                    sent=self._got_any or not self.reused,
                 )
-            got_any = True
+            await self._wait(timeout)
         return self._headers
 
     async def body(self, timeout: float, *, head_only: bool = False) -> AsyncIterator[bytes]:
@@ -190,21 +366,44 @@ class UpstreamConn:
             self._done = True
             return
         while True:
+            if self._error is not None:
+                raise self._error
             if self._body:
                 chunks, self._body = self._body, []
+                self._taken()
                 for c in chunks:
                     yield c
+                continue
             if self._done:
                 return
-            if not await self._feed(timeout):
-                if self._body:
-                    continue
-                if not self._done:
-                    raise UpstreamError("bad_response", f"instance {self.instance_id} closed mid-response")
+            if self._expired:
+                raise self._timeout()
+            if self._eof:
+                raise UpstreamError("bad_response", f"instance {self.instance_id} closed mid-response")
+            await self._wait(timeout)
+
+    async def read_tunnel(self) -> bytes:
+        """After a ``101``: the next bytes the instance sends (``b""`` once it has closed)."""
+        while not self._tunnel:
+            if self._eof or self._expired:
+                return b""
+            waiter = self._waiter = self._loop.create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+        data = b"".join(self._tunnel)
+        self._tunnel.clear()
+        self._taken()
+        return data
+
+    def is_closing(self) -> bool:
+        return self.transport is None or self.transport.is_closing()
 
     def close(self) -> None:
-        if not self.writer.is_closing():
-            self.writer.close()
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.close()
 
 
 class UpstreamPool:
@@ -231,9 +430,11 @@ class UpstreamPool:
                 self.reuses += 1
                 return conn
             conn.close()
+        loop = asyncio.get_running_loop()
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(host, port, limit=65536), self.connect_timeout
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(lambda: UpstreamConn(instance_id, loop), host, port),
+                self.connect_timeout,
             )
         except TimeoutError:
             raise UpstreamError(
@@ -244,7 +445,7 @@ class UpstreamPool:
                 "refused", f"instance {instance_id} refused the connection: {e.strerror or e}", sent=False
             ) from None
         self.connects += 1
-        return UpstreamConn(instance_id, reader, writer)
+        return conn
 
     def release(self, conn: UpstreamConn) -> None:
         """Keep ``conn`` for reuse if its exchange ended cleanly with keep-alive, else close it."""
