@@ -5,7 +5,9 @@ timing with an injected clock), the publisher against a real store with fake run
 designated vs takeover, settling), and an end-to-end test with four real agents in two regions: the
 first started instance of an app makes one ``app_regions`` row everywhere; check flaps and other machine
 columns make no global version; bucket crossings write once; the last stop deletes the row; and
-``region_rtt`` rows appear both ways.
+``region_rtt`` rows appear both ways. Gone regions: the cleanup of a region without alive global members
+(grace, global designated writer, takeover, return) with fake runtimes, and with two real agents (one
+per region; one is killed, its rows disappear at the other, and come back when it restarts).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from test_cluster import until
-from test_regions import PLATFORM_SQL, RegionNode, _admin_up, region_cluster
+from test_regions import GLOBAL_CLUSTER_ID, PLATFORM_SQL, RegionNode, _admin_up, region_cluster
 from verdigris.api.threads import StoreThreads
 from verdigris.config import ConfigError, PresenceConfig, parse_config
 from verdigris.gossip.membership import MemberInfo, MemberState
@@ -34,6 +36,7 @@ from verdigris.presence import (
     desired_app_regions,
     desired_region_rtt,
     diff,
+    gone_regions,
     keep_rtt_bucket,
     rtt_bucket_ms,
     statements,
@@ -167,6 +170,9 @@ def test_presence_config() -> None:
     base = '[db]\npath = "/srv/vd/state.db"\n'
     cfg = parse_config(base, "agent.toml", Path("/srv"))
     assert cfg.presence == PresenceConfig() and cfg.presence.takeover_delay_ms == 10000
+    assert cfg.presence.gone_region_after_ms == 60000
+    cfg = parse_config(base + "[presence]\ngone-region-after-ms = 2000\n", "agent.toml", Path("/srv"))
+    assert cfg.presence.gone_region_after_ms == 2000
     cfg = parse_config(
         base + "[presence]\nenabled = false\ndebounce-ms = 0\ninterval-ms = 100\ntakeover-delay-ms = 0\n",
         "agent.toml",
@@ -175,7 +181,8 @@ def test_presence_config() -> None:
     assert cfg.presence == PresenceConfig(False, 0, 100, 0)
     with pytest.raises(ConfigError) as info:
         parse_config(
-            base + '[presence]\nenabled = "yes"\ninterval-ms = 10\ndebounce-ms = -1\ntakeover = 1\n',
+            base + '[presence]\nenabled = "yes"\ninterval-ms = 10\ndebounce-ms = -1\ntakeover = 1\n'
+            "gone-region-after-ms = 10\n",
             "agent.toml",
             Path("/srv"),
         )
@@ -184,6 +191,21 @@ def test_presence_config() -> None:
     assert 'invalid value for "presence.interval-ms"' in problems
     assert 'invalid value for "presence.debounce-ms"' in problems
     assert 'unknown key "presence.takeover"' in problems
+    assert 'invalid value for "presence.gone-region-after-ms"' in problems
+
+
+def test_gone_regions_have_rows_and_no_alive_or_suspect_global_member() -> None:
+    members = [
+        _member("1", region="b"),
+        _member("2", MemberState.SUSPECT, region="c"),
+        _member("3", MemberState.DEAD, region="d"),
+        _member("4", MemberState.LEFT, region="e"),
+        _member("5", MemberState.DEAD, region="b"),  # b has another member alive
+    ]
+    stored = ["a", "b", "c", "d", "e", "f", ""]
+    # a is this node's own region; f has no member at all; the empty region name is nobody's.
+    assert gone_regions("a", stored, members) == {"d", "e", "f"}
+    assert gone_regions("a", [], members) == set()
 
 
 # ------------------------------------------------------------------------------------------------ in process
@@ -580,3 +602,222 @@ async def _all_rows(nodes: list[PresenceNode], expected: list[list[Any]]) -> boo
         if await n.query("SELECT app, region, capacity FROM app_regions ORDER BY app, region") != expected:
             return False
     return True
+
+
+# ------------------------------------------------------------------------------------------------ gone regions
+
+
+async def test_rows_of_a_gone_region_are_deleted_after_the_grace_by_the_global_designated_writer(
+    local_store: tuple[Store, StoreThreads], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Region b's only global member dies: nothing happens during the grace; then the global designated
+    writer (smallest alive global id) deletes b's rows, another node only after the grace plus the
+    takeover delay; when b comes back its publisher rewrites its rows and nobody deletes them."""
+    store, threads = local_store
+    clock = _Clock()
+    config = PresenceConfig(takeover_delay_ms=10_000, gone_region_after_ms=60_000)
+    synced = _FakeStats({("client", "ok"): 1})
+
+    def publisher(region: str, regional_id: str, global_id: str) -> PresencePublisher:
+        return PresencePublisher(
+            store=store,
+            threads=threads,
+            regional=_FakeRuntime(regional_id, stats=synced),  # type: ignore[arg-type]
+            global_=_FakeRuntime(global_id),  # type: ignore[arg-type]
+            region=region,
+            config=config,
+            clock=clock,
+        )
+
+    # Two nodes of region a: g1 is the global designated writer, g9 is not.
+    p1, p9 = publisher("a", "a1", "g1"), publisher("a", "a9", "g9")
+    g_b, g_c = _member("g2", region="b"), _member("g3", region="c")
+    p1._global.membership.others = [g_b, g_c, _member("g9", region="a")]
+    p9._global.membership.others = [g_b, g_c, _member("g1", region="a")]
+
+    async def rows() -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+        apps = sorted(r[:2] + r[3:] for r in await threads.write(store.rows, "app_regions"))
+        rtt = sorted(r[:3] for r in await threads.write(store.rows, "region_rtt"))
+        return apps, rtt
+
+    await threads.write(
+        store.transact,
+        [
+            Statement(
+                "INSERT INTO app_regions (app, region, capacity) VALUES ('web', 'b', 2), ('web', 'c', 1)"
+            ),
+            Statement(
+                "INSERT INTO region_rtt (src, dst, rtt_ms) VALUES ('a', 'b', 5), ('b', 'a', 5), ('b', 'c', 10), "
+                "('c', 'b', 10), ('a', 'c', 20), ('c', 'a', 20)"
+            ),
+        ],
+    )
+    full = await rows()
+    v0 = await _global_version(store, threads)
+
+    async def both() -> None:
+        await p9.evaluate()
+        await p1.evaluate()
+
+    await both()
+    assert p1.stats.gone == [] and p1.is_global_designated() and not p9.is_global_designated()
+    # b's member is suspect: b is not gone. Then it is dead: gone, but for less than the grace.
+    p1._global.membership.others[0] = p9._global.membership.others[0] = _member(
+        "g2", MemberState.SUSPECT, "b"
+    )
+    await both()
+    assert p1.stats.gone == []
+    p1._global.membership.others[0] = p9._global.membership.others[0] = _member("g2", MemberState.DEAD, "b")
+    await both()
+    assert p1.stats.gone == ["b"] and p9.stats.gone == ["b"]
+    clock.now += 59.9
+    await both()
+    assert await rows() == full and await _global_version(store, threads) == v0
+    assert p1._gone_deadline() == pytest.approx(clock.now + 0.1)
+    assert p9._gone_deadline() == pytest.approx(clock.now + 10.1)
+    # The grace is over: the designated one deletes b's rows (app_regions, region_rtt from and to b).
+    clock.now += 0.2
+    caplog.set_level("INFO", logger="verdigris.presence")
+    await p9.evaluate()
+    assert await rows() == full  # not designated: waits the takeover delay as well
+    await p1.evaluate()
+    assert await rows() == ([("web", "c", 1)], [("a", "c", 20), ("c", "a", 20)])
+    assert await _global_version(store, threads) == v0 + 1
+    assert p1.stats.writes == {("app_regions", "gone"): 1, ("region_rtt", "gone"): 4}
+    assert p1.stats.regions_cleaned == 1 and p1.info()["regions_cleaned"] == 1
+    lines = [r.getMessage() for r in caplog.records if "region b" in r.getMessage()]
+    assert len(lines) == 1 and "deleted 1 app_regions and 4 region_rtt rows" in lines[0], lines
+    # Nothing left of b: not tracked any more, nothing more to write, on either node.
+    clock.now += 20.0
+    await both()
+    assert p1.stats.gone == [] and p9.stats.gone == [] and p9.stats.regions_cleaned == 0
+    assert await _global_version(store, threads) == v0 + 1
+
+    # b comes back: its publisher rewrites its row (the stored one differs from its desired one).
+    await threads.write(
+        store.transact,
+        [Statement("INSERT INTO machines (id, app, region, state) VALUES ('mb', 'web', 'b', 'started')")],
+    )
+    pb = publisher("b", "b1", "g2")
+    pb._global.membership.others = [_member("g1", region="a"), _member("g9", region="a"), g_c]
+    await pb.evaluate()
+    assert (await rows())[0] == [("web", "b", 1), ("web", "c", 1)]
+    # a's nodes have not noticed b's member yet: a new grace starts, so the fresh row is kept...
+    await both()
+    clock.now += 59.0
+    await both()
+    assert (await rows())[0] == [("web", "b", 1), ("web", "c", 1)]
+    # ...and once they see it alive, b is not gone any more.
+    p1._global.membership.others[0] = p9._global.membership.others[0] = g_b
+    clock.now += 60.0
+    await both()
+    assert p1.stats.gone == [] and (await rows())[0] == [("web", "b", 1), ("web", "c", 1)]
+    assert p1.stats.regions_cleaned == 1
+
+    # Takeover: region c dies and the designated g1 does nothing (dead before g9 noticed it): g9 deletes
+    # c's rows once they have lasted the grace plus the takeover delay.
+    p9._global.membership.others[1] = _member("g3", MemberState.DEAD, region="c")
+    await p9.evaluate()
+    clock.now += 69.9
+    await p9.evaluate()
+    assert ("web", "c", 1) in (await rows())[0]
+    clock.now += 0.2
+    await p9.evaluate()
+    assert await rows() == ([("web", "b", 1)], [])
+    assert p9.stats.writes == {("app_regions", "gone"): 1, ("region_rtt", "gone"): 2}
+    assert p9.stats.regions_cleaned == 1 and p9.info()["gone_regions"] == ["c"]
+    assert any("region c" in r.getMessage() and "takeover" in r.getMessage() for r in caplog.records)
+
+
+async def test_an_unsettled_node_deletes_no_gone_region(local_store: tuple[Store, StoreThreads]) -> None:
+    store, threads = local_store
+    clock = _Clock()
+    pub = PresencePublisher(
+        store=store,
+        threads=threads,
+        regional=_FakeRuntime("a1"),  # type: ignore[arg-type]  # never synced
+        global_=_FakeRuntime("g1"),  # type: ignore[arg-type]
+        region="a",
+        config=PresenceConfig(takeover_delay_ms=120_000, gone_region_after_ms=1000),
+        clock=clock,
+    )
+    await threads.write(
+        store.transact, [Statement("INSERT INTO app_regions (app, region, capacity) VALUES ('web', 'b', 1)")]
+    )
+    await pub.evaluate()
+    clock.now += 5.0
+    await pub.evaluate()
+    assert pub.stats.gone == ["b"] and await threads.write(store.rows, "app_regions")
+    clock.now += 120.0  # settled (up for the takeover delay): deleted
+    await pub.evaluate()
+    assert not await threads.write(store.rows, "app_regions") and pub.stats.regions_cleaned == 1
+
+
+@dataclass
+class GoneNode(PresenceNode):
+    presence: str = (
+        "[presence]\ninterval-ms = 500\ndebounce-ms = 50\ntakeover-delay-ms = 1000\n"
+        "gone-region-after-ms = 2000\n"
+    )
+
+    def write_config(self) -> Path:
+        """LAN timing for the global cluster too, so that a killed node is declared dead in seconds."""
+        path = super().write_config()
+        marker = f"cluster-id = {GLOBAL_CLUSTER_ID}\n"
+        text = path.read_text()
+        assert marker in text
+        path.write_text(text.replace(marker, marker + 'profile = "lan"\n'))
+        return path
+
+
+@pytest.mark.timeout(120)
+async def test_a_dead_regions_rows_disappear(tmp_path: Path) -> None:
+    """Two regions of one agent each (the second node of each region is never started): region b's agent
+    is killed (kill -9); after the grace, b's rows disappear at a; b restarts and its rows come back."""
+    async with region_cluster(tmp_path, GoneNode, ("a", "b")) as by_region:
+        a0, b0 = by_region["a"][0], by_region["b"][0]
+        both = [a0, b0]
+        for n in both:
+            n.start()
+        await asyncio.gather(*(n.ready() for n in both))
+        await until("both admin sockets", 15, lambda: _admin_up(both))  # type: ignore[arg-type]
+
+        async def joined() -> bool:
+            for n in both:
+                if sum(m["state"] == "alive" for m in await n.members("global")) != 2:
+                    return False
+                if not (await n.admin({"cmd": "ping"}))["presence"]["settled"]:
+                    return False
+            return True
+
+        await until("2 global members, settled", 30, joined)
+        await b0.must_write([[START, ["mb", "web", "b"]]])
+
+        async def rows_at_a() -> tuple[list[list[Any]], list[list[Any]]]:
+            apps = await a0.query("SELECT app, region, capacity FROM app_regions ORDER BY app, region")
+            rtt = await a0.query("SELECT src, dst FROM region_rtt ORDER BY src, dst")
+            return apps, rtt
+
+        async def b_present() -> bool:
+            apps, rtt = await rows_at_a()
+            return apps == [["web", "b", 1]] and rtt == [["a", "b"], ["b", "a"]]
+
+        await until("b's app_regions row and both region_rtt rows at a", 30, b_present)
+        b0.kill9()
+
+        async def b_gone() -> bool:
+            return await rows_at_a() == ([], [])
+
+        await until("b's rows deleted at a", 40, b_gone)
+        presence = (await a0.admin({"cmd": "ping"}))["presence"]
+        assert presence["regions_cleaned"] == 1 and presence["global_designated"], presence
+        assert presence["writes"]["app_regions/gone"] == 1, presence
+        assert presence["writes"]["region_rtt/gone"] == 2, presence
+        assert "region b has had no alive member" in a0.log.read_text()
+
+        # b comes back (same database): its publisher rewrites its row.
+        b0.start()
+        await b0.ready()
+        await until("b's row back at a", 40, lambda: _all_rows([a0], [["web", "b", 1]]))
+        codes = await asyncio.gather(*(asyncio.to_thread(n.terminate) for n in both))
+        assert codes == [0, 0], [n.tail() for n in both]

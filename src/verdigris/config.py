@@ -117,6 +117,7 @@ DEFAULT_MAX_WRITE_BATCH: Final = 1000
 DEFAULT_PRESENCE_DEBOUNCE_MS: Final = 200
 DEFAULT_PRESENCE_INTERVAL_MS: Final = 5000
 DEFAULT_PRESENCE_TAKEOVER_DELAY_MS: Final = 10000
+DEFAULT_PRESENCE_GONE_REGION_AFTER_MS: Final = 60000
 DEFAULT_KEYRING_NAME: Final = "keyring.json"
 """The keyring file's name when ``gossip.keyring-path`` is not set; it lives next to the database."""
 MAX_REGION_LEN: Final = 64
@@ -463,12 +464,15 @@ class PresenceConfig:
         interval_ms: the period of the repair evaluation (``presence.interval-ms``).
         takeover_delay_ms: how long a mismatch must last before a node that is not its region's
             designated writer repairs it (``presence.takeover-delay-ms``).
+        gone_region_after_ms: how long a region with global rows must have no alive (nor suspect)
+            member in the global cluster before its rows are deleted (``presence.gone-region-after-ms``).
     """
 
     enabled: bool = True
     debounce_ms: int = DEFAULT_PRESENCE_DEBOUNCE_MS
     interval_ms: int = DEFAULT_PRESENCE_INTERVAL_MS
     takeover_delay_ms: int = DEFAULT_PRESENCE_TAKEOVER_DELAY_MS
+    gone_region_after_ms: int = DEFAULT_PRESENCE_GONE_REGION_AFTER_MS
 
 
 @dataclass(frozen=True)
@@ -730,6 +734,9 @@ def _build(document: Mapping[str, object], source: str, base_dir: Path) -> Confi
     presence_takeover = presence.integer(
         "takeover-delay-ms", DEFAULT_PRESENCE_TAKEOVER_DELAY_MS, minimum=0, maximum=3_600_000
     )
+    presence_gone_region = presence.integer(
+        "gone-region-after-ms", DEFAULT_PRESENCE_GONE_REGION_AFTER_MS, minimum=1000, maximum=86_400_000
+    )
     presence.finish()
 
     watchdog = root.table("watchdog")
@@ -782,6 +789,7 @@ def _build(document: Mapping[str, object], source: str, base_dir: Path) -> Confi
             debounce_ms=presence_debounce,
             interval_ms=presence_interval,
             takeover_delay_ms=presence_takeover,
+            gone_region_after_ms=presence_gone_region,
         ),
         watchdog=WatchdogConfig(
             enabled=watchdog_enabled,

@@ -19,6 +19,15 @@ designated writer only (each node measures its own RTTs: two writers would disag
 Concurrent writers are harmless: the desired ``app_regions`` value is a pure function of the region's
 replicated state, so they write the same value, and the store's last-writer-wins merge keeps one.
 
+**Gone regions.** When every node of a region is gone, nobody of that region is left to delete its rows,
+so other regions' proxies would keep forwarding to it. Every publisher therefore also looks, in the
+GLOBAL cluster's membership, for regions that have ``app_regions`` rows or ``region_rtt`` rows (as
+``src`` or ``dst``) but no member alive or suspect (:func:`gone_regions`); one that stays so for
+``gone_region_after_ms`` (:class:`MismatchTracker`, keyed by region) has its rows deleted by the
+global designated writer (:func:`designated_writer` over the global cluster: the smallest alive global
+member id), or by any other node once it has lasted the takeover delay longer. Deleting is safe: a
+region that comes back rewrites its rows (they now differ from the stored ones).
+
 **When.** A store commit listener (on the writer thread) only posts a wake-up to the loop when a commit
 touched ``machines`` or ``app_regions``; the loop waits ``debounce``, reads on a reader thread, diffs, and
 writes (at most :data:`MAX_WRITES_PER_ROUND` statements per transaction, the rest in the next round). A
@@ -233,6 +242,35 @@ class MismatchTracker:
     def __len__(self) -> int:
         return len(self._since)
 
+    def since(self) -> dict[tuple[str, str], float]:
+        """Each tracked key and since when it has been mismatching."""
+        return dict(self._since)
+
+
+GONE = "gone"
+"""The tracker key's first part (and the write reason) of a gone region."""
+
+
+def gone_regions(own_region: str, stored_regions: Iterable[str], members: Iterable[MemberInfo]) -> set[str]:
+    """The regions named by global rows (``stored_regions``) that have no member alive or suspect in the
+    global cluster (``members``, as :meth:`Membership.members` lists them: this node excluded, which is
+    why ``own_region`` never counts as gone). The empty region name is never gone (nobody owns it)."""
+    present = {
+        m.metadata.get("region", "")
+        for m in members
+        if m.state is MemberState.ALIVE or m.state is MemberState.SUSPECT
+    }
+    return {r for r in stored_regions if r and r != own_region and r not in present}
+
+
+def gone_statements(region: str) -> list[tuple[str, Statement]]:
+    """(table, statement) deleting every global presence row of ``region``: its ``app_regions`` rows and
+    the ``region_rtt`` rows from or to it."""
+    return [
+        (APP_REGIONS, Statement("DELETE FROM app_regions WHERE region = ?", [region])),
+        (REGION_RTT, Statement("DELETE FROM region_rtt WHERE src = ? OR dst = ?", [region, region])),
+    ]
+
 
 # ------------------------------------------------------------------------------------------ the publisher
 
@@ -241,7 +279,8 @@ class MismatchTracker:
 class PresenceStats:
     evaluations: int = 0
     writes: dict[tuple[str, str], int] = field(default_factory=dict)
-    """(table, reason) → rows written; reason ``designated`` or ``takeover``."""
+    """(table, reason) → rows written; reason ``designated``, ``takeover`` or ``gone`` (rows of a gone
+    region deleted)."""
     transactions: int = 0
     errors: int = 0
     last_error: str | None = None
@@ -250,6 +289,12 @@ class PresenceStats:
     designated: bool = False
     pending: int = 0
     """Mismatching app_regions rows at the last evaluation."""
+    regions_cleaned: int = 0
+    """Gone regions whose rows this node deleted (a region counts once per cleanup that deleted rows)."""
+    gone: list[str] = field(default_factory=list)
+    """Regions with global rows and no alive global member, at the last evaluation (sorted)."""
+    global_designated: bool = False
+    """Whether this node was the global designated writer (gone-region cleanup) at the last evaluation."""
 
 
 @dataclass(frozen=True)
@@ -257,6 +302,8 @@ class _Snapshot:
     started: dict[str, int]
     stored_apps: dict[str, float]
     stored_rtt: dict[str, float]
+    regions: set[str] = field(default_factory=set)
+    """Every region named by a global row: ``app_regions.region``, ``region_rtt.src`` and ``dst``."""
 
 
 class PresencePublisher:
@@ -294,6 +341,8 @@ class PresencePublisher:
         self._clock = clock
         self.stats = PresenceStats()
         self.tracker = MismatchTracker(config.takeover_delay_ms / 1000.0)
+        self.gone_tracker = MismatchTracker(config.gone_region_after_ms / 1000.0)
+        """Since when each region (key ``("gone", region)``) has had rows and no alive global member."""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -346,6 +395,29 @@ class PresencePublisher:
     def is_designated(self) -> bool:
         return self.designated_writer() == self.node_id
 
+    def global_designated_writer(self) -> str:
+        """The gone-region cleaner: the smallest alive member id of the GLOBAL cluster, this node included."""
+        return designated_writer(self._global.node_id, self._global.membership.members())
+
+    def is_global_designated(self) -> bool:
+        return self.global_designated_writer() == self._global.node_id
+
+    def _gone_delay(self, global_designated: bool) -> float:
+        """How long a region must have been gone before this node deletes its rows."""
+        delay = self.gone_tracker.delay
+        return delay if global_designated else delay + self.tracker.delay
+
+    def _gone_deadline(self) -> float | None:
+        """When the oldest gone region becomes due for this node (None: no region is gone)."""
+        first = self.gone_tracker.next_deadline()
+        if first is None or not self._was_settled:  # unsettled: polled anyway, deletes nothing
+            return None
+        try:
+            designated = self.is_global_designated()
+        except Exception:
+            designated = False
+        return first if designated else first + self.tracker.delay
+
     def settled(self) -> bool:
         """Whether this node may write: it has synced with a member of its region at least once (so its
         regional state is not a stale copy from before a restart), or it has been up for the takeover
@@ -370,6 +442,9 @@ class PresencePublisher:
             "errors": s.errors,
             "last_error": s.last_error,
             "inactive": self._schema_problem,
+            "global_designated": s.global_designated,
+            "gone_regions": list(s.gone),
+            "regions_cleaned": s.regions_cleaned,
         }
 
     # ------------------------------------------------------------------------------------ the loop
@@ -385,6 +460,9 @@ class PresencePublisher:
                 takeover = self.tracker.next_deadline()
                 if takeover is not None and not self.is_designated_safe():
                     deadline = min(deadline, takeover)
+                gone = self._gone_deadline()
+                if gone is not None:
+                    deadline = min(deadline, gone)
                 if not self._was_settled:  # look again soon: settling is not announced by a commit
                     deadline = min(deadline, now + _UNSETTLED_POLL)
                 with contextlib.suppress(TimeoutError):
@@ -449,9 +527,21 @@ class PresencePublisher:
         self.stats.pending = len(app_writes)
         designated = self.is_designated()
         self.stats.designated = designated
+        gone = gone_regions(region, snap.regions, self._global.membership.members())
+        self.gone_tracker.update(((GONE, r) for r in gone), now)
+        self.stats.gone = sorted(gone)
+        global_designated = self.is_global_designated()
+        self.stats.global_designated = global_designated
         self._was_settled = self.settled()
         if not self._was_settled:
             return False
+        since = self.gone_tracker.since()
+        gone_delay = self._gone_delay(global_designated)
+        due_gone = sorted(r for (_, r), t in since.items() if now - t >= gone_delay)
+        # Two statements per region, first in the transaction, never split across two rounds.
+        gone_left = len(due_gone) > MAX_WRITES_PER_ROUND // 2
+        due_gone = due_gone[: MAX_WRITES_PER_ROUND // 2]
+        gone_todo = [(r, table, stmt) for r in due_gone for table, stmt in gone_statements(r)]
         if designated:
             rtt = desired_region_rtt(region, self._global.membership.members(), snap.stored_rtt)
             # Only set: a region that went quiet keeps its last row (no churn on a partition).
@@ -460,13 +550,15 @@ class PresencePublisher:
         else:
             due = self.tracker.due(now)
             todo = [(w, "takeover") for w in app_writes if (w.table, w.key) in due]
-        if not todo:
+        if not todo and not gone_todo:
             return False
-        batch = todo[:MAX_WRITES_PER_ROUND]
-        stmts = statements(region, (w for w, _ in batch), int(time.time() * 1000))
+        batch = todo[: MAX_WRITES_PER_ROUND - len(gone_todo)]
+        stmts = [stmt for _, _, stmt in gone_todo]
+        stmts += statements(region, (w for w, _ in batch), int(time.time() * 1000))
         result = await self._threads.write(self._store.transact, stmts)
         self.stats.transactions += 1
-        for (w, reason), res in zip(batch, result.results, strict=True):
+        self._count_gone(gone_todo, result.results[: len(gone_todo)], since, now, global_designated)
+        for (w, reason), res in zip(batch, result.results[len(gone_todo) :], strict=True):
             if res.rows_affected > 0:
                 key = (w.table, reason)
                 self.stats.writes[key] = self.stats.writes.get(key, 0) + 1
@@ -478,7 +570,37 @@ class PresencePublisher:
                     w.key,
                     "deleted" if w.value is None else w.value,
                 )
-        return len(todo) > len(batch)
+        return len(todo) > len(batch) or gone_left
+
+    def _count_gone(
+        self,
+        done: list[tuple[str, str, Statement]],
+        results: list[Any],
+        since: Mapping[tuple[str, str], float],
+        now: float,
+        global_designated: bool,
+    ) -> None:
+        """Counts and logs (one line per region that had rows) the deletes of gone regions."""
+        deleted: dict[str, dict[str, int]] = {}
+        for (r, table, _), res in zip(done, results, strict=True):
+            deleted.setdefault(r, {})[table] = res.rows_affected
+        for r, by_table in deleted.items():
+            for table, n in by_table.items():
+                if n > 0:
+                    key = (table, GONE)
+                    self.stats.writes[key] = self.stats.writes.get(key, 0) + n
+            if sum(by_table.values()) == 0:
+                continue  # another node deleted them first
+            self.stats.regions_cleaned += 1
+            log.info(
+                "presence (gone%s): region %s has had no alive member in the global cluster for %.0f s: "
+                "deleted %d app_regions and %d region_rtt rows",
+                "" if global_designated else ", takeover",
+                r,
+                now - since.get((GONE, r), now),
+                by_table.get(APP_REGIONS, 0),
+                by_table.get(REGION_RTT, 0),
+            )
 
 
 def _read(conn: Any, region: str) -> _Snapshot:
@@ -489,7 +611,9 @@ def _read(conn: Any, region: str) -> _Snapshot:
         "SELECT 'm', app, count(*) FROM machines WHERE state = 'started' AND region IN (?1, '') "
         "GROUP BY app "
         "UNION ALL SELECT 'a', app, capacity FROM app_regions WHERE region = ?1 "
-        "UNION ALL SELECT 'r', dst, rtt_ms FROM region_rtt WHERE src = ?1",
+        "UNION ALL SELECT 'r', dst, rtt_ms FROM region_rtt WHERE src = ?1 "
+        "UNION ALL SELECT 'g', region, 0 FROM (SELECT region FROM app_regions "
+        "UNION SELECT src FROM region_rtt UNION SELECT dst FROM region_rtt)",
         (region,),
     )
     for kind, key, value in rows:
@@ -497,6 +621,9 @@ def _read(conn: Any, region: str) -> _Snapshot:
             snap.started[str(key)] = int(value)
         elif kind == "a":
             snap.stored_apps[str(key)] = value
+        elif kind == "g":
+            if key is not None:
+                snap.regions.add(str(key))
         else:
             snap.stored_rtt[str(key)] = value
     return snap
@@ -512,11 +639,12 @@ class _PresenceCollector(Collector):
         s = self._p.stats
         writes = CounterMetricFamily(
             "verdigris_presence_writes",
-            "Global rows written by the presence publisher, by table and reason (designated, takeover).",
+            "Global rows written by the presence publisher, by table and reason (designated, takeover, "
+            "gone).",
             labels=["table", "reason"],
         )
         for table in (APP_REGIONS, REGION_RTT):
-            for reason in ("designated", "takeover"):
+            for reason in ("designated", "takeover", GONE):
                 writes.add_metric([table, reason], s.writes.get((table, reason), 0))
         yield writes
         yield CounterMetricFamily(
