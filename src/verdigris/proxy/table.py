@@ -65,6 +65,7 @@ longest matching wildcard wins.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -468,6 +469,7 @@ class RoutingTable:
         self.problems: deque[FeedProblem] = deque(maxlen=MAX_PROBLEMS)
         self.version = 0
         """Increases whenever the routing state changes (for caches keyed on it)."""
+        self._change_waiters: list[asyncio.Future[None]] = []
         self._warnings: list[str] = []
         self._host_cache: dict[str, str | None] = {}
         self._host_cache_version = -1
@@ -495,6 +497,23 @@ class RoutingTable:
         """src -> dst -> RTT in ms (the ``region_rtt`` rows)."""
 
     # -------------------------------------------------------------------------------- subscriptions
+
+    def _bump(self) -> None:
+        """The routing state changed: a new :attr:`version`, and whoever awaits :meth:`next_change` wakes."""
+        self.version += 1
+        if self._change_waiters:
+            waiters, self._change_waiters = self._change_waiters, []
+            for waiter in waiters:
+                if not waiter.done():  # a waiter whose wait timed out is cancelled
+                    waiter.set_result(None)
+
+    async def next_change(self) -> None:
+        """Return after the routing state's next change (:attr:`version` moves). For the rare code that
+        waits on the table (a request held for a woken app) instead of polling it; the table is fed on
+        the same event loop."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._change_waiters.append(waiter)
+        await waiter
 
     @property
     def subscriptions(self) -> tuple[str, ...]:
@@ -648,7 +667,7 @@ class RoutingTable:
         feed.last_change_id = change_id if change_id is not None else 0
         feed.ready = True
         self.stats.snapshots += 1
-        self.version += 1
+        self._bump()
         return None
 
     def _on_change(
@@ -667,7 +686,7 @@ class RoutingTable:
             )
         feed.last_change_id = change_id
         self.stats.changes += 1
-        self.version += 1
+        self._bump()
         old = feed.rows.pop(rowid, None)
         if old is not None:
             self._remove(old)

@@ -16,8 +16,8 @@ answering at once:
    tried.
 
 At most one wake per app is in flight per worker: concurrent requests for the app wait on the same one.
-The routing table has no change notification, so the wait looks at its ``version`` counter every
-:data:`POLL` seconds (an in-memory read) and at the instances only when it moved.
+The wait looks at the instances again each time the routing table changes
+(:meth:`~verdigris.proxy.table.RoutingTable.next_change`).
 """
 
 from __future__ import annotations
@@ -40,8 +40,6 @@ from verdigris.store.types import SqlValue
 
 log = logging.getLogger("verdigris.proxy.wake")
 
-POLL: Final = 0.02
-"""Seconds between looks at the routing table's version while a request waits for a woken app."""
 AGENTS_TTL: Final = 2.0
 """Seconds the ``machine_agents`` rows read from the agent are reused."""
 START_TIMEOUT: Final = 3.0
@@ -144,13 +142,8 @@ class Waker:
                     self.count("wake_failed")
                     return _reject(f"autostart of {app} failed: " + "; ".join(errors))
                 log.info("autostart of %s: asked machines agent %s", app, asked)
-                version = -1
-                while True:
-                    if self.table.version != version:
-                        version = self.table.version
-                        if self.routable(app, local_only):
-                            break
-                    await asyncio.sleep(POLL)  # the table has no change notification: see the docstring
+                while not self.routable(app, local_only):
+                    await self.table.next_change()
         except TimeoutError:
             self.count("wake_timeouts")
             after = f"asked machines agent {asked}; " if asked else ""
