@@ -212,7 +212,7 @@ def test_hello_and_notes_through_every_proxy(fleet: DemoFleet) -> None:
 
 def test_printed_curl_commands_answer(fleet: DemoFleet) -> None:
     if shutil.which("curl") is None:
-        pytest.skip("curl is not installed")
+        pytest.skip("curl is not installed (./dev test installs it)")
     commands = [line.strip() for line in fleet.text().splitlines() if line.strip().startswith("curl ")]
     reads = [c for c in commands if " -d " not in c and "sleepy" not in c]  # the write and the wake: below
     assert len(reads) >= 2, fleet.text()
