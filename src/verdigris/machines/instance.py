@@ -86,8 +86,11 @@ class Instance:
         """Monotonic time of the last spawn."""
         self.last_active = time.monotonic()
         """Monotonic time an established connection to the instance was last seen (autostop)."""
-        self.checks: dict[str, tuple[str, str]] = {}
-        """Check name -> (status, output) while the process runs; empty otherwise (no check rows)."""
+        self.checks: dict[str, tuple[str, str]] = self._not_running()
+        """Check name -> (status, output). While no process runs every check is ``critical`` (not
+        absent): a proxy that sees the machines row turn ``started`` before it sees the checks rows of
+        the same transaction (one subscription per table, no order between them) must still find the
+        instance failing, not healthy with no checks, until its first check passes."""
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._check_tasks: list[asyncio.Task[None]] = []
@@ -280,11 +283,14 @@ class Instance:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
 
+    def _not_running(self) -> dict[str, tuple[str, str]]:
+        return {c.name: ("critical", "not running") for c in self.app.checks}
+
     def _stop_checks(self) -> None:
         for t in self._check_tasks:
             t.cancel()
         self._check_tasks = []
-        self.checks = {}
+        self.checks = self._not_running()
         self.on_change(self)
 
     # ---------------------------------------------------------------------------------- checks

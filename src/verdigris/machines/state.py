@@ -1,7 +1,7 @@
 """The rows the machines agent keeps in the agent's database, written through ``/v1/transactions``.
 
-* regional ``machines`` (one per instance of this node), ``checks`` (one per instance and check, while
-  the instance runs) and ``services`` (one per app: port 80, ``http``);
+* regional ``machines`` (one per instance of this node), ``checks`` (one per instance and check;
+  ``critical`` while the instance does not run) and ``services`` (one per app: port 80, ``http``);
 * global ``apps``, ``hostnames`` (the apps of the config file) and ``machine_agents`` (this agent: where
   proxies ask for an app to be started).
 
